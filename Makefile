@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv on first use.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := demo
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(BIN)/fs demo-cohort $(DEMO)/cohort --n-slides 8 --size 4096
+	$(BIN)/fs init $(DEMO)/store
+	$(BIN)/fs slides add $(DEMO)/cohort/slides --store $(DEMO)/store
+	$(BIN)/fs labels import $(DEMO)/cohort/labels.csv --store $(DEMO)/store
+	$(BIN)/fs sql "SELECT l.label, count(*) AS slides, round(avg(l.grade), 2) AS mean_grade, \
+	  round(avg(s.width * s.mpp_x / 1000), 2) AS mean_width_mm FROM slides s JOIN labels l USING (slide_id) \
+	  GROUP BY l.label ORDER BY l.label" --store $(DEMO)/store
+	$(BIN)/fs info --store $(DEMO)/store
+	@echo "demo store: $(abspath $(DEMO)/store)   (try: $(BIN)/fs sql 'SELECT * FROM slides' --store $(DEMO)/store)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) $(DEMO)

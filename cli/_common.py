@@ -1,0 +1,98 @@
+"""What every command shares: the store option, one-line errors, and result printing."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from schemas import FsError
+
+console = Console()
+err_console = Console(stderr=True)
+
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar="FS_STORE", help="Store directory (or $FS_STORE).")]
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def friendly(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn our errors into one red line and exit code 2, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (FsError, duckdb.Error, KeyError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from err
+
+    return wrapper
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        head = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value[:4])
+        return f"[{head}{', …' if len(value) > 4 else ''}] ({len(value)})"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def print_table(table: pa.Table, fmt: OutputFormat, output: Path | None, *, title: str | None = None,
+                max_rows: int = 200) -> None:
+    """Print or save an Arrow table; a rich table on a terminal, machine formats otherwise."""
+    if fmt is OutputFormat.parquet:
+        if output is None:
+            raise typer.BadParameter("--format parquet needs --output FILE.parquet")
+        pq.write_table(table, output)
+        err_console.print(f"wrote {table.num_rows} rows to {output}")
+        return
+    if fmt is OutputFormat.csv:
+        flat = table.cast(pa.schema([f.with_type(pa.string()) if pa.types.is_nested(f.type) else f
+                                     for f in table.schema])) if any(pa.types.is_nested(f.type)
+                                                                     for f in table.schema) else table
+        if output:
+            pacsv.write_csv(flat, output)
+        else:
+            sink = pa.BufferOutputStream()
+            pacsv.write_csv(flat, sink)
+            sys.stdout.write(sink.getvalue().to_pybytes().decode())
+        return
+    if fmt is OutputFormat.json:
+        text = json.dumps(table.to_pylist(), default=str, indent=1)
+        if output:
+            output.write_text(text + "\n")
+        else:
+            sys.stdout.write(text + "\n")
+        return
+    view = Table(title=title, show_lines=False)
+    for name in table.column_names:
+        view.add_column(name, overflow="fold")
+    for row in table.slice(0, max_rows).to_pylist():
+        view.add_row(*(_cell(v) for v in row.values()))
+    console.print(view)
+    if table.num_rows > max_rows:
+        console.print(f"… {table.num_rows - max_rows} more rows (use --format csv/json/parquet for all)")

@@ -1,0 +1,95 @@
+"""The slide-reader interface: one small seam with OpenSlide and cuCIM behind it.
+
+Coordinates are always level-0 pixels (as in OpenSlide), sizes are in pixels
+of the level being read, and regions that fall outside the slide are padded
+with an explicit fill colour rather than whatever the backend happens to return.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar, Self
+
+import numpy as np
+
+WHITE: tuple[int, int, int] = (255, 255, 255)
+
+
+class SlideReader(ABC):
+    """A whole-slide image opened by one backend; use as a context manager."""
+
+    backend: ClassVar[str]
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of every pyramid level, level 0 first."""
+
+    @property
+    @abstractmethod
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Downsample factor of every level relative to level 0."""
+
+    @property
+    @abstractmethod
+    def mpp(self) -> tuple[float, float] | None:
+        """Level-0 µm/px (x, y) from the file's metadata, or None when the file has none."""
+
+    @property
+    @abstractmethod
+    def objective_power(self) -> float | None:
+        """Scanner objective magnification, when the file records it."""
+
+    @property
+    @abstractmethod
+    def vendor(self) -> str:
+        """Format/vendor name as OpenSlide reports it (``aperio``, ``generic-tiff``...)."""
+
+    @abstractmethod
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                    *, fill: tuple[int, int, int] = WHITE) -> np.ndarray:
+        """RGB uint8 array (h, w, 3) of ``size`` at ``level`` whose top-left is ``location`` at level 0.
+
+        Pixels outside the slide are ``fill``; transparent pixels are composited on ``fill``.
+        """
+
+    def read_regions(self, locations: Sequence[tuple[int, int]], level: int, size: tuple[int, int],
+                     *, fill: tuple[int, int, int] = WHITE, num_workers: int = 1) -> np.ndarray:
+        """Several same-sized regions as one (n, h, w, 3) array; backends may batch this."""
+        out = np.empty((len(locations), size[1], size[0], 3), dtype=np.uint8)
+        for i, loc in enumerate(locations):
+            out[i] = self.read_region(loc, level, size, fill=fill)
+        return out
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the file handle."""
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample is at or below ``downsample`` (so we never upsample)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

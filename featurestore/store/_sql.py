@@ -1,0 +1,95 @@
+"""DuckDB over the store: one view per table, one streamed view per embedding set.
+
+Table views read every commit's Parquet files and keep, for each key, the row
+of the latest commit, so a re-written slide replaces the earlier one. The
+``tiles`` view keeps only tiles from the commit that the ``slide_tilings`` view
+points at. Embedding views (``emb_<model>``) are Arrow streams read from the
+Zarr arrays slide by slide, registered only for queries that mention them, so a
+query never holds more than one slide's vectors in memory on our side.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from featurestore.store._layout import COMMITS
+from schemas import TABLES, ReadOnlyError, stored_schema
+
+KEYS: dict[str, tuple[str, ...]] = {
+    "slides": ("slide_id",),
+    "tilings": ("tiling_id",),
+    "encoders": ("encoder_id",),
+    "embedding_sets": ("set_id",),
+    "slide_tilings": ("slide_id", "tiling_id"),
+    "bags": ("set_id", "slide_id"),
+    "runs": ("run_id",),
+    "labels": ("slide_id",),
+}
+"""Rows with equal keys are versions of one thing; the latest commit wins. Failures keep history."""
+
+ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+LABELS_SCHEMA = pa.schema([pa.field("slide_id", pa.string()), pa.field("commit_id", pa.string())])
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def check_read_only(query: str) -> None:
+    """Refuse anything but SELECT/EXPLAIN: the SQL session must never change the store or the disk."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as err:
+        raise duckdb.ParserException(f"SQL syntax error: {err}") from err
+    if len(statements) != 1:
+        raise ReadOnlyError(f"fs sql runs exactly one statement, got {len(statements)}; send them one at a time")
+    kind = statements[0].type
+    if kind not in ALLOWED:
+        raise ReadOnlyError(f"fs sql is read-only: {kind.name} statements are refused; "
+                            "only SELECT (with WITH, DESCRIBE, SUMMARIZE...) and EXPLAIN run")
+
+
+def _raw_view(con: duckdb.DuckDBPyConnection, root: Path, name: str) -> str:
+    """Register the union of a table's Parquet files (or an empty typed table) and return its name."""
+    raw = f"_raw_{name}"
+    if any((root / COMMITS).glob(f"*/{name}.parquet")):
+        pattern = root / COMMITS / "*" / f"{name}.parquet"
+        con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet({_quote(pattern)}, union_by_name=true)")
+    else:
+        empty = (LABELS_SCHEMA if name == "labels" else stored_schema(TABLES[name])).empty_table()
+        con.register(raw, empty)
+    return raw
+
+
+def connect(root: Path, embedding_views: dict[str, Callable[[], pa.RecordBatchReader]],
+            query: str = "") -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the store's views; embedding views named in ``query`` are live."""
+    con = duckdb.connect(":memory:")
+    for name in [*TABLES, "labels"]:
+        raw = _raw_view(con, root, name)
+        if name == "tiles":
+            continue
+        if name in KEYS:
+            keys = ", ".join(KEYS[name])
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM {raw} "
+                        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY commit_id DESC) = 1")
+        else:
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM {raw}")
+    con.execute("CREATE VIEW tiles AS SELECT t.* FROM _raw_tiles t JOIN slide_tilings st "
+                "ON t.slide_id = st.slide_id AND t.tiling_id = st.tiling_id AND t.commit_id = st.commit_id")
+    for view, make_reader in embedding_views.items():
+        uses = len(re.findall(rf"\b{re.escape(view)}\b", query, flags=re.IGNORECASE))
+        if uses == 1:
+            con.register(view, make_reader())
+        elif uses > 1:
+            con.register(view, make_reader().read_all())
+    return con
+
+
+def stream(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatchReader:
+    return pa.RecordBatchReader.from_batches(schema, batches)

@@ -1,0 +1,388 @@
+"""The store: typed records in Parquet, dense arrays in Zarr, SQL through DuckDB.
+
+Writes go through ``Transaction`` (one atomic commit per slide). Reads resolve
+"which commit holds the latest version of X" through the DuckDB views, then open
+only the arrays they need, so reading one slide's bag never touches the others.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from featurestore.store import _arrays, _sql
+from featurestore.store._commit import Transaction
+from featurestore.store._labels import LabelKey, read_labels
+from featurestore.store._layout import COMMITS, STAGING, check_marker, write_marker
+from schemas import (
+    Bag,
+    EmbeddingSet,
+    EncoderSpec,
+    Failure,
+    InvalidRecordError,
+    ReadOnlyError,
+    Run,
+    Slide,
+    SlideTiling,
+    StoreExistsError,
+    TilingSpec,
+    UnknownEmbeddingSetError,
+    from_row,
+    stored_schema,
+    tile_id,
+)
+from schemas import Tile as TileRecord
+
+
+def tiles_table(slide_id: str, tiling_id: str, x: np.ndarray, y: np.ndarray, level: int, read_size: int,
+                tissue_fraction: np.ndarray) -> pa.Table:
+    """Build a slide's tiles table column-wise (a slide can have 100k tiles; no per-row records)."""
+    n = len(x)
+    ids = np.fromiter((tile_id(slide_id, tiling_id, i) for i in range(n)), dtype=np.int64, count=n)
+    schema = stored_schema(TileRecord).remove(stored_schema(TileRecord).get_field_index("commit_id"))
+    return pa.table({
+        "slide_id": pa.array([slide_id] * n, pa.string()),
+        "tiling_id": pa.array([tiling_id] * n, pa.string()),
+        "tile_index": np.arange(n, dtype=np.int64),
+        "x": np.asarray(x, np.int64), "y": np.asarray(y, np.int64),
+        "level": np.full(n, level, np.int64), "read_size": np.full(n, read_size, np.int64),
+        "tissue_fraction": np.asarray(tissue_fraction, np.float64),
+        "tile_id": ids,
+    }, schema=schema)
+
+
+@dataclass(frozen=True)
+class SlideCommit:
+    """Everything extraction produces for one slide and one tiling, committed as one unit.
+
+    ``tiles`` may be None when the slide was already tiled with this tiling (adding a model
+    to an existing store); ``embeddings`` maps each encoder to an (n, dim) or (n, views, dim) array.
+    """
+
+    slide: Slide
+    tiling: TilingSpec
+    tiles: pa.Table | None
+    embeddings: dict[EncoderSpec, np.ndarray] = field(default_factory=dict)
+    pixels: np.ndarray | None = None
+    dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What ``fs info`` prints."""
+
+    path: Path
+    slides: int
+    tiles: int
+    encoders: list[str]
+    embedding_sets: list[tuple[str, str, int, int]]
+    failures: int
+    labelled_slides: int
+    bytes_on_disk: int
+    staging: int
+
+
+_VIEW_SAFE = re.compile(r"[^a-z0-9_]")
+
+
+class Store:
+    """A feature store directory. Use ``Store.create`` or ``Store.open``; both are cheap."""
+
+    def __init__(self, root: Path, *, read_only: bool) -> None:
+        self.root = Path(root)
+        self.read_only = read_only
+        self._known_ids: set[str] | None = None
+
+    @classmethod
+    def create(cls, path: str | Path) -> Store:
+        root = Path(path)
+        if (root / "featurestore.json").exists():
+            raise StoreExistsError(f"{root}: a store already exists here; open it instead (fs info {root})")
+        if root.exists() and any(root.iterdir()):
+            raise StoreExistsError(f"{root}: directory is not empty; choose a new or empty directory")
+        (root / COMMITS).mkdir(parents=True, exist_ok=True)
+        (root / STAGING).mkdir(exist_ok=True)
+        write_marker(root)
+        return cls(root, read_only=False)
+
+    @classmethod
+    def open(cls, path: str | Path, *, read_only: bool = False) -> Store:
+        root = Path(path)
+        check_marker(root)
+        return cls(root, read_only=read_only)
+
+    @classmethod
+    def open_or_create(cls, path: str | Path) -> Store:
+        root = Path(path)
+        return cls.open(root) if (root / "featurestore.json").exists() else cls.create(root)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"{self.root}: store was opened read-only; open it with read_only=False to write")
+
+    def transaction(self) -> Transaction:
+        self._writable()
+        return Transaction(self.root)
+
+    # --- SQL ---------------------------------------------------------------------------------
+
+    def sql(self, query: str) -> pa.Table:
+        """Run one read-only SQL statement over the store's views; the result is an Arrow table."""
+        _sql.check_read_only(query)
+        con = _sql.connect(self.root, self._embedding_view_factories(), query)
+        try:
+            return con.sql(query).to_arrow_table()
+        finally:
+            con.close()
+
+    def _query(self, query: str, params: list | None = None) -> pa.Table:
+        con = _sql.connect(self.root, {}, "")
+        try:
+            return con.sql(query, params=params or None).to_arrow_table()
+        finally:
+            con.close()
+
+    # --- catalogue ---------------------------------------------------------------------------
+
+    def _records(self, table: str, cls: type) -> list:
+        return [from_row(cls, row) for row in self._query(f"SELECT * EXCLUDE (commit_id) FROM {table}").to_pylist()]
+
+    def slides(self) -> list[Slide]:
+        return self._records("slides", Slide)
+
+    def tilings(self) -> list[TilingSpec]:
+        return self._records("tilings", TilingSpec)
+
+    def encoders(self) -> list[EncoderSpec]:
+        return self._records("encoders", EncoderSpec)
+
+    def embedding_sets(self) -> list[EmbeddingSet]:
+        return sorted(self._records("embedding_sets", EmbeddingSet), key=lambda s: (s.encoder_name, s.id))
+
+    def failures(self) -> list[Failure]:
+        return self._records("failures", Failure)
+
+    def runs(self) -> list[Run]:
+        return self._records("runs", Run)
+
+    def view_names(self) -> dict[str, EmbeddingSet]:
+        """SQL view name of every embedding set: ``emb_<encoder>``, suffixed when one encoder has several sets."""
+        sets = self.embedding_sets()
+        counts: dict[str, int] = {}
+        for s in sets:
+            counts[s.encoder_name] = counts.get(s.encoder_name, 0) + 1
+        names = {}
+        for s in sets:
+            base = "emb_" + _VIEW_SAFE.sub("_", s.encoder_name.lower())
+            names[base if counts[s.encoder_name] == 1 else f"{base}_{s.id[:8]}"] = s
+        return names
+
+    def embedding_set(self, model: str) -> EmbeddingSet:
+        """Resolve an embedding set by encoder name, view name or set id (prefix)."""
+        names = self.view_names()
+        matches = [s for v, s in names.items()
+                   if model in (s.encoder_name, v, v.removeprefix("emb_")) or s.id.startswith(model)]
+        if len(matches) == 1:
+            return matches[0]
+        choices = ", ".join(f"{v} ({s.encoder_name}, set {s.id})" for v, s in names.items()) or "none yet"
+        why = "is ambiguous" if matches else "matches no embedding set"
+        raise UnknownEmbeddingSetError(f"{self.root}: model {model!r} {why}; choose one of: {choices}")
+
+    def completed(self, tiling_id: str, encoder_id: str | None = None) -> set[str]:
+        """Slide ids already committed for a tiling (and, if given, an encoder's embedding set)."""
+        if encoder_id is None:
+            q, p = "SELECT slide_id FROM slide_tilings WHERE tiling_id = ?", [tiling_id]
+        else:
+            q = ("SELECT b.slide_id FROM bags b JOIN embedding_sets e USING (set_id) "
+                 "WHERE e.tiling_id = ? AND e.encoder_id = ?")
+            p = [tiling_id, encoder_id]
+        return set(self._query(q, p).column("slide_id").to_pylist())
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def register(self, *records: Slide | TilingSpec | EncoderSpec | EmbeddingSet | Run | Failure) -> None:
+        """Commit catalogue records (idempotent: re-registering the same record is harmless)."""
+        with self.transaction() as txn:
+            txn.add(*records)
+
+    def commit_slide(self, item: SlideCommit) -> str:
+        """Write one slide's tiles, embeddings and pixels as a single atomic commit; return its id."""
+        self._writable()
+        n = self._n_tiles(item)
+        sets = []
+        for spec, emb in item.embeddings.items():
+            if emb.shape[0] != n or emb.shape[-1] != spec.embed_dim:
+                raise InvalidRecordError(f"{item.slide.path}: {spec.name} embeddings have shape {emb.shape}; "
+                                         f"expected ({n}, ..., {spec.embed_dim}) to match the tiles")
+            views = emb.shape[1] if emb.ndim == 3 else 1
+            sets.append((EmbeddingSet(item.tiling.id, spec.id, spec.name, spec.embed_dim, item.dtype, views), emb))
+        if item.pixels is not None and item.pixels.shape[0] != n:
+            raise InvalidRecordError(f"{item.slide.path}: {item.pixels.shape[0]} tile images for {n} tiles")
+        with self.transaction() as txn:
+            txn.add(item.slide, *self._unknown([item.tiling, *item.embeddings, *(s for s, _ in sets)]))
+            if item.tiles is not None:
+                txn.add_table("tiles", item.tiles)
+                txn.add(SlideTiling(item.slide.slide_id, item.tiling.id, n, item.pixels is not None))
+            if item.pixels is not None:
+                txn.write_pixels(item.tiling.id, item.pixels)
+            for es, emb in sets:
+                txn.write_embeddings(es.id, emb.astype(es.dtype, copy=False))
+                txn.add(Bag(es.id, item.slide.slide_id, n))
+            return txn.commit_id
+
+    def _unknown(self, records: list[TilingSpec | EncoderSpec | EmbeddingSet]) -> list:
+        """Catalogue records not yet in the store, so each slide commit does not repeat them."""
+        if self._known_ids is None:
+            self._known_ids = set(self._query(
+                "SELECT tiling_id FROM tilings UNION ALL SELECT encoder_id FROM encoders "
+                "UNION ALL SELECT set_id FROM embedding_sets").column(0).to_pylist())
+        new = [r for r in records if r.id not in self._known_ids]
+        self._known_ids.update(r.id for r in new)
+        return new
+
+    def _n_tiles(self, item: SlideCommit) -> int:
+        if item.tiles is not None:
+            if item.tiles.num_rows == 0:
+                raise InvalidRecordError(f"{item.slide.path}: no tiles to commit; record a failure instead")
+            return item.tiles.num_rows
+        rows = self._query("SELECT n_tiles FROM slide_tilings WHERE slide_id = ? AND tiling_id = ?",
+                           [item.slide.slide_id, item.tiling.id]).column("n_tiles").to_pylist()
+        if not rows:
+            raise InvalidRecordError(f"{item.slide.path}: not yet tiled with tiling {item.tiling.id}; "
+                                     "commit its tiles first")
+        return rows[0]
+
+    def import_labels(self, csv_path: str | Path, key: LabelKey = "filename") -> int:
+        """Store a labels CSV joined to slides; nothing is written unless every row matches. Returns rows."""
+        self._writable()
+        labels = read_labels(Path(csv_path), key, self._query("SELECT slide_id, path FROM slides"))
+        with self.transaction() as txn:
+            txn.add_table("labels", labels)
+        return labels.num_rows
+
+    def vacuum(self, older_than_s: float = 6 * 3600) -> int:
+        """Delete staging directories of writers that died (older than ``older_than_s``); return how many."""
+        self._writable()
+        cutoff = time.time() - older_than_s
+        stale = [p for p in (self.root / STAGING).iterdir() if p.stat().st_mtime < cutoff]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        return len(stale)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def read_tiles(self, slide_id: str, tiling_id: str) -> pa.Table:
+        """One slide's tiles in tile_index order, read from the one Parquet file that holds them."""
+        commit = self._one("SELECT commit_id FROM slide_tilings WHERE slide_id = ? AND tiling_id = ?",
+                           [slide_id, tiling_id], f"slide {slide_id} has no tiles for tiling {tiling_id}")
+        table = pq.read_table(self.root / COMMITS / commit / "tiles.parquet",
+                              filters=[("slide_id", "=", slide_id), ("tiling_id", "=", tiling_id)])
+        return table.sort_by("tile_index")
+
+    def read_bag(self, es: EmbeddingSet, slide_id: str) -> np.ndarray:
+        """One slide's embeddings (n, dim) (or (n, views, dim)); opens only that slide's array."""
+        return self.bag_array(es, slide_id)[...]
+
+    def bag_array(self, es: EmbeddingSet, slide_id: str):
+        """The lazily-read Zarr array behind a bag, for partial reads."""
+        commit = self._one("SELECT commit_id FROM bags WHERE set_id = ? AND slide_id = ?", [es.id, slide_id],
+                           f"slide {slide_id} has no embeddings in set {es.id} ({es.encoder_name})")
+        return _arrays.open_array(self.root / COMMITS / commit / "emb" / es.id)
+
+    def read_pixels(self, tiling_id: str, slide_id: str, indices: np.ndarray | None = None) -> np.ndarray:
+        commit = self._one("SELECT commit_id FROM slide_tilings WHERE slide_id = ? AND tiling_id = ? AND pixels",
+                           [slide_id, tiling_id], f"slide {slide_id} has no cached pixels for tiling {tiling_id}")
+        arr = _arrays.open_array(self.root / COMMITS / commit / "pix" / tiling_id)
+        return arr[...] if indices is None else arr.get_orthogonal_selection((np.asarray(indices),))
+
+    def read_by_tile_ids(self, es: EmbeddingSet, tile_ids: list[int] | np.ndarray) -> np.ndarray:
+        """Embeddings for arbitrary tile ids, in the order given; reads only the slides involved."""
+        wanted = pa.table({"tile_id": pa.array(np.asarray(tile_ids, np.int64)),
+                           "pos": pa.array(np.arange(len(tile_ids)))})
+        con = _sql.connect(self.root, {}, "")
+        try:
+            con.register("wanted", wanted)
+            hits = con.sql("SELECT w.pos, t.slide_id, t.tile_index FROM wanted w JOIN tiles t USING (tile_id) "
+                           "WHERE t.tiling_id = ? ORDER BY t.slide_id, t.tile_index", params=[es.tiling_id]
+                           ).to_arrow_table()
+        finally:
+            con.close()
+        if hits.num_rows != len(tile_ids):
+            found = set(hits.column("pos").to_pylist())
+            missing = [int(tile_ids[i]) for i in range(len(tile_ids)) if i not in found][:5]
+            raise KeyError(f"{self.root}: tile ids not in embedding set {es.encoder_name}: {missing}")
+        out = np.empty((len(tile_ids), *self._row_shape(es)), dtype=es.dtype)
+        pos = hits.column("pos").to_numpy()
+        slides = hits.column("slide_id").to_numpy(zero_copy_only=False)
+        index = hits.column("tile_index").to_numpy()
+        for sid in dict.fromkeys(slides):
+            sel = slides == sid
+            out[pos[sel]] = self.bag_array(es, sid).get_orthogonal_selection((index[sel],))
+        return out
+
+    def iter_bags(self, es: EmbeddingSet) -> Iterator[tuple[str, pa.Table, np.ndarray]]:
+        """Stream (slide_id, tiles, embeddings) for a whole embedding set, one slide in memory at a time."""
+        rows = self._query("SELECT b.slide_id, b.commit_id AS bag_commit, st.commit_id AS tile_commit "
+                           "FROM bags b JOIN slide_tilings st ON b.slide_id = st.slide_id AND st.tiling_id = ? "
+                           "WHERE b.set_id = ? ORDER BY b.slide_id", [es.tiling_id, es.id]).to_pylist()
+        for r in rows:
+            tiles = pq.read_table(self.root / COMMITS / r["tile_commit"] / "tiles.parquet",
+                                  filters=[("slide_id", "=", r["slide_id"]), ("tiling_id", "=", es.tiling_id)])
+            emb = _arrays.open_array(self.root / COMMITS / r["bag_commit"] / "emb" / es.id)[...]
+            yield r["slide_id"], tiles.sort_by("tile_index"), emb
+
+    def _row_shape(self, es: EmbeddingSet) -> tuple[int, ...]:
+        return (es.embed_dim,) if es.views == 1 else (es.views, es.embed_dim)
+
+    def _one(self, query: str, params: list, missing: str) -> str:
+        values = self._query(query, params).column(0).to_pylist()
+        if not values:
+            raise KeyError(f"{self.root}: {missing}")
+        return values[0]
+
+    def _embedding_view_factories(self):
+        factories = {}
+        for view, es in self.view_names().items():
+            factories[view] = lambda es=es: self._embedding_reader(es)
+        return factories
+
+    def _embedding_reader(self, es: EmbeddingSet) -> pa.RecordBatchReader:
+        schema = pa.schema([("slide_id", pa.string()), ("tile_index", pa.int64()), ("tile_id", pa.int64()),
+                            ("x", pa.int64()), ("y", pa.int64()),
+                            ("embedding", pa.list_(pa.float32(), es.embed_dim))])
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for _, tiles, emb in self.iter_bags(es):
+                vectors = (emb[:, 0] if emb.ndim == 3 else emb).astype(np.float32, copy=False)
+                flat = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), es.embed_dim)
+                yield pa.RecordBatch.from_arrays(
+                    [tiles.column("slide_id").combine_chunks(), tiles.column("tile_index").combine_chunks(),
+                     tiles.column("tile_id").combine_chunks(), tiles.column("x").combine_chunks(),
+                     tiles.column("y").combine_chunks(), flat], schema=schema)
+
+        return _sql.stream(batches(), schema)
+
+    # --- summary -----------------------------------------------------------------------------
+
+    def info(self) -> StoreInfo:
+        counts = self._query(
+            "SELECT (SELECT count(*) FROM slides) AS slides, (SELECT count(*) FROM tiles) AS tiles, "
+            "(SELECT count(*) FROM failures) AS failures, (SELECT count(*) FROM labels) AS labelled").to_pylist()[0]
+        sets = []
+        bag_counts = {r["set_id"]: (r["slides"], r["tiles"]) for r in self._query(
+            "SELECT set_id, count(*) AS slides, sum(n_tiles) AS tiles FROM bags GROUP BY set_id").to_pylist()}
+        for view, es in self.view_names().items():
+            n_slides, n_tiles = bag_counts.get(es.id, (0, 0))
+            sets.append((view, f"{es.encoder_name} ({es.embed_dim}-d {es.dtype})", n_slides, int(n_tiles or 0)))
+        size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        return StoreInfo(self.root, counts["slides"], counts["tiles"], sorted({e.name for e in self.encoders()}),
+                         sets, counts["failures"], counts["labelled"], size,
+                         sum(1 for _ in (self.root / STAGING).iterdir()))

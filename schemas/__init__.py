@@ -1,0 +1,37 @@
+"""The data model every other package speaks: typed records, their Arrow schemas, and errors."""
+
+from schemas.errors import (
+    FsError,
+    InvalidRecordError,
+    LabelsError,
+    MissingMppError,
+    ModelError,
+    NotAStoreError,
+    ReadOnlyError,
+    SlideError,
+    StoreExistsError,
+    StoreVersionError,
+    UnknownEmbeddingSetError,
+)
+from schemas.records import (
+    FORMAT_VERSION,
+    Bag,
+    EmbeddingSet,
+    EncoderSpec,
+    Failure,
+    Run,
+    Slide,
+    SlideTiling,
+    Tile,
+    TilingSpec,
+    tile_id,
+)
+from schemas.tables import TABLES, arrow_schema, from_row, stored_schema, to_row, to_table
+
+__all__ = [
+    "FORMAT_VERSION", "TABLES", "Bag", "EmbeddingSet", "EncoderSpec", "Failure", "FsError",
+    "InvalidRecordError", "LabelsError", "MissingMppError", "ModelError", "NotAStoreError",
+    "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "StoreExistsError",
+    "StoreVersionError", "Tile", "TilingSpec", "UnknownEmbeddingSetError", "arrow_schema",
+    "from_row", "stored_schema", "tile_id", "to_row", "to_table",
+]

@@ -1,0 +1,53 @@
+"""Error hierarchy shared by every package.
+
+Each class also subclasses the matching built-in, so callers can catch either
+``FsError`` or the ordinary Python exception. Messages are one line: what is
+wrong, where (file and row), and the fix.
+"""
+
+
+class FsError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class InvalidRecordError(FsError, ValueError):
+    """A record field failed validation."""
+
+
+class NotAStoreError(FsError, FileNotFoundError):
+    """The path is not a feature store."""
+
+
+class StoreExistsError(FsError, FileExistsError):
+    """A store (or something else) already occupies the path."""
+
+
+class StoreVersionError(FsError, RuntimeError):
+    """The store was written by a newer format version than this code reads."""
+
+
+class ReadOnlyError(FsError, PermissionError):
+    """A write was attempted through a read-only handle or a read-only SQL session."""
+
+
+class LabelsError(FsError, ValueError):
+    """A labels file is malformed or does not match the store's slides."""
+
+
+class UnknownEmbeddingSetError(FsError, KeyError):
+    """No embedding set matches the requested model or id."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
+        return str(self.args[0]) if self.args else ""
+
+
+class SlideError(FsError, OSError):
+    """A slide cannot be opened or read."""
+
+
+class MissingMppError(SlideError):
+    """A slide has no µm/px metadata and none was assumed."""
+
+
+class ModelError(FsError, RuntimeError):
+    """A teacher model cannot be built or its weights cannot be loaded."""

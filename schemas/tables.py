@@ -1,0 +1,114 @@
+"""Arrow schemas of the store's tables, derived from the records so they cannot drift.
+
+Each stored table carries the record's fields, the record's id column when it
+has one (``tiling_id``, ``encoder_id``, ``set_id``), and ``commit_id``: the
+commit that wrote the row, which is how the store resolves re-written slides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from datetime import datetime
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from schemas._record import Record
+from schemas.errors import InvalidRecordError
+from schemas.records import (
+    Bag,
+    EmbeddingSet,
+    EncoderSpec,
+    Failure,
+    Run,
+    Slide,
+    SlideTiling,
+    Tile,
+    TilingSpec,
+)
+
+_SCALARS: dict[Any, pa.DataType] = {
+    str: pa.string(),
+    int: pa.int64(),
+    float: pa.float64(),
+    bool: pa.bool_(),
+    datetime: pa.timestamp("us", tz="UTC"),
+}
+
+ID_COLUMNS: dict[type[Record], str] = {TilingSpec: "tiling_id", EncoderSpec: "encoder_id", EmbeddingSet: "set_id"}
+"""Records whose id is derived from content get it as an explicit column."""
+
+TABLES: dict[str, type[Record]] = {
+    "slides": Slide,
+    "tilings": TilingSpec,
+    "tiles": Tile,
+    "encoders": EncoderSpec,
+    "embedding_sets": EmbeddingSet,
+    "slide_tilings": SlideTiling,
+    "bags": Bag,
+    "runs": Run,
+    "failures": Failure,
+}
+"""Every record table of the store, by name. Labels are free-form and not listed."""
+
+
+def _arrow_type(hint: Any) -> tuple[pa.DataType, bool]:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        (inner,) = [a for a in args if a is not type(None)]
+        return _arrow_type(inner)[0], True
+    if origin is Literal:
+        return _SCALARS[type(args[0])], False
+    if origin is tuple:
+        return pa.list_(_SCALARS[args[0]]), False
+    return _SCALARS[hint], False
+
+
+def arrow_schema(cls: type[Record]) -> pa.Schema:
+    """The Arrow schema of ``cls``'s table (without ``commit_id``)."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    if cls in ID_COLUMNS:
+        fields.append(pa.field(ID_COLUMNS[cls], pa.string(), nullable=False))
+    for f in dataclasses.fields(cls):
+        dtype, nullable = _arrow_type(hints[f.name])
+        fields.append(pa.field(f.name, dtype, nullable=nullable))
+    if cls is Tile:
+        fields.append(pa.field("tile_id", pa.int64(), nullable=False))
+    return pa.schema(fields)
+
+
+def stored_schema(cls: type[Record]) -> pa.Schema:
+    """The schema as written to Parquet: the record's columns plus ``commit_id``."""
+    return arrow_schema(cls).append(pa.field("commit_id", pa.string(), nullable=False))
+
+
+def to_row(record: Record) -> dict[str, Any]:
+    """A record as one table row, with its derived id column(s)."""
+    row = record.to_dict()
+    cls = type(record)
+    if cls in ID_COLUMNS:
+        row = {ID_COLUMNS[cls]: record.id, **row}  # type: ignore[attr-defined]
+    if cls is Tile:
+        row["tile_id"] = record.tile_id  # type: ignore[attr-defined]
+    return row
+
+
+def from_row(cls: type[Record], row: dict[str, Any]) -> Record:
+    """Rebuild a record from a table row; a stored id that no longer matches the content is an error."""
+    data = {k: v for k, v in row.items() if k not in ("commit_id", "tile_id")}
+    stored_id = data.pop(ID_COLUMNS[cls], None) if cls in ID_COLUMNS else None
+    record = cls.from_dict(data)
+    if stored_id is not None and stored_id != record.id:  # type: ignore[attr-defined]
+        raise InvalidRecordError(f"{cls.__name__}: stored id {stored_id} does not match its content "
+                                 f"({record.id}); the row was edited or written by other code")  # type: ignore[attr-defined]
+    return record
+
+
+def to_table(records: list[Record], cls: type[Record], commit_id: str) -> pa.Table:
+    """Records of one class as an Arrow table in the stored schema."""
+    rows = [to_row(r) | {"commit_id": commit_id} for r in records]
+    return pa.Table.from_pylist(rows, schema=stored_schema(cls))

@@ -1,0 +1,111 @@
+"""The data model: validation, dict and Arrow round trips, content ids."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+import pytest
+
+from schemas import (
+    TABLES,
+    Bag,
+    EmbeddingSet,
+    Failure,
+    InvalidRecordError,
+    Run,
+    SlideTiling,
+    Tile,
+    TilingSpec,
+    arrow_schema,
+    from_row,
+    tile_id,
+    to_row,
+    to_table,
+)
+from schemas._record import utcnow
+from tests.conftest import make_encoder, make_slide
+
+EXAMPLES = [
+    make_slide(1),
+    TilingSpec(target_mpp=0.5, tile_size=224, overlap=32, min_tissue=0.1, edge="drop"),
+    Tile("a" * 32, "t" * 16, 3, 448, 896, 1, 112, 0.75),
+    make_encoder(),
+    EmbeddingSet("t" * 16, "e" * 16, "uni", 1024, "float16", 4),
+    SlideTiling("a" * 32, "t" * 16, 10, True),
+    Bag("s" * 16, "a" * 32, 10),
+    Run("r1", "fs extract x", '{"torch": "2"}', "host", utcnow(), utcnow(), 3.5, 2.0, "ok"),
+    Failure("/x.svs", "open", "SlideError", "cannot open", None, "r1"),
+]
+
+
+@pytest.mark.parametrize("record", EXAMPLES, ids=lambda r: type(r).__name__)
+def test_dict_round_trip(record):
+    assert type(record).from_dict(record.to_dict()) == record
+    assert type(record).from_dict(record.to_json_dict()) == record
+
+
+@pytest.mark.parametrize("record", EXAMPLES, ids=lambda r: type(r).__name__)
+def test_arrow_round_trip_matches_schema(record):
+    cls = type(record)
+    table = to_table([record], cls, "c1")
+    assert table.schema.remove(table.schema.get_field_index("commit_id")) == arrow_schema(cls)
+    assert from_row(cls, table.to_pylist()[0]) == record
+
+
+def test_every_table_has_a_schema():
+    for cls in TABLES.values():
+        assert isinstance(arrow_schema(cls), pa.Schema)
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "field"), [
+    (TilingSpec, {"target_mpp": 0, "tile_size": 224}, "target_mpp"),
+    (TilingSpec, {"target_mpp": 0.5, "tile_size": 224, "overlap": 224}, "overlap"),
+    (TilingSpec, {"target_mpp": 0.5, "tile_size": 224, "min_tissue": 1.5}, "min_tissue"),
+    (TilingSpec, {"target_mpp": 0.5, "tile_size": 224, "edge": "wrap"}, "edge"),
+    (Tile, {"slide_id": "a", "tiling_id": "t", "tile_index": -1, "x": 0, "y": 0, "level": 0, "read_size": 1,
+            "tissue_fraction": 0.5}, "tile_index"),
+])
+def test_invalid_values_name_the_field(cls, kwargs, field):
+    with pytest.raises(InvalidRecordError, match=field):
+        cls(**kwargs)
+
+
+def test_encoder_validation():
+    with pytest.raises(InvalidRecordError, match="pooling"):
+        dataclasses.replace(make_encoder(), pooling="max")
+    with pytest.raises(InvalidRecordError, match="sha256"):
+        dataclasses.replace(make_encoder(), weights_sha256="abc")
+
+
+def test_from_dict_rejects_unknown_and_missing_fields():
+    d = TilingSpec(0.5, 224).to_dict()
+    with pytest.raises(InvalidRecordError, match="unknown field"):
+        TilingSpec.from_dict(d | {"stride": 3})
+    d.pop("tile_size")
+    with pytest.raises(InvalidRecordError, match="missing field"):
+        TilingSpec.from_dict(d)
+
+
+def test_content_ids_are_stable_and_sensitive():
+    a, b = TilingSpec(0.5, 224), TilingSpec(0.5, 224)
+    assert a.id == b.id and len(a.id) == 16
+    assert TilingSpec(0.5, 256).id != a.id
+    assert TilingSpec(0.5, 224, min_tissue=0.3).id != a.id
+    enc = make_encoder()
+    assert dataclasses.replace(enc, weights_sha256="cd" * 32).id != enc.id
+
+
+def test_stored_id_must_match_content():
+    row = to_row(TilingSpec(0.5, 224)) | {"tile_size": 256}
+    with pytest.raises(InvalidRecordError, match="does not match"):
+        from_row(TilingSpec, row)
+
+
+def test_tile_ids_are_deterministic_int63_and_distinct():
+    ids = [tile_id("a" * 32, "t" * 16, i) for i in range(20000)]
+    assert ids == [tile_id("a" * 32, "t" * 16, i) for i in range(20000)]
+    assert all(0 <= i < 2**63 for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert tile_id("b" * 32, "t" * 16, 0) != ids[0]
+    assert Tile("a" * 32, "t" * 16, 5, 0, 0, 0, 1, 1.0).tile_id == ids[5]
