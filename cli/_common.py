@@ -61,6 +61,15 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _flatten_nested(table: pa.Table) -> pa.Table:
+    """CSV has no arrays: write vectors and lists as JSON text in their cell."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_nested(f.type):
+            text = pa.array([None if v is None else json.dumps(v) for v in table.column(i).to_pylist()])
+            table = table.set_column(i, f.name, text)
+    return table
+
+
 def print_table(table: pa.Table, fmt: OutputFormat, output: Path | None, *, title: str | None = None,
                 max_rows: int = 200) -> None:
     """Print or save an Arrow table; a rich table on a terminal, machine formats otherwise."""
@@ -71,9 +80,7 @@ def print_table(table: pa.Table, fmt: OutputFormat, output: Path | None, *, titl
         err_console.print(f"wrote {table.num_rows} rows to {output}")
         return
     if fmt is OutputFormat.csv:
-        flat = table.cast(pa.schema([f.with_type(pa.string()) if pa.types.is_nested(f.type) else f
-                                     for f in table.schema])) if any(pa.types.is_nested(f.type)
-                                                                     for f in table.schema) else table
+        flat = _flatten_nested(table)
         if output:
             pacsv.write_csv(flat, output)
         else:

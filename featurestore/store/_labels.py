@@ -19,7 +19,8 @@ def read_labels(csv_path: Path, key: LabelKey, slides: pa.Table) -> pa.Table:
     ``slides`` needs ``slide_id`` and ``path`` columns. Line numbers in errors count the header as line 1.
     """
     try:
-        table = pacsv.read_csv(csv_path)
+        table = pacsv.read_csv(csv_path, convert_options=pacsv.ConvertOptions(
+            column_types={key: pa.string()}, strings_can_be_null=True))
     except (pa.ArrowInvalid, OSError) as err:
         raise LabelsError(f"{csv_path}: cannot read as CSV ({str(err).splitlines()[0]}); "
                           "save it as comma-separated UTF-8 with a header row") from err

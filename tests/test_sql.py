@@ -1,0 +1,98 @@
+"""SQL over the store: every view, vectors as FLOAT[dim], read-only enforcement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featurestore.store import Store
+from schemas import Failure, ReadOnlyError, Run, TilingSpec
+from schemas._record import utcnow
+from tests.conftest import commit_random_slide, make_encoder, make_slide
+
+
+@pytest.fixture
+def filled(tmp_path, tiling):
+    """Two encoders over three slides, labels, a run and a failure."""
+    store = Store.create(tmp_path / "s")
+    encs = [make_encoder("uni", 8), make_encoder("test/tiny", 4)]
+    written = [commit_random_slide(store, i, tiling, encs, 10 + i, dtype="float32") for i in range(3)]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,patient,label,grade\n" + "\n".join(
+        f"slide_{i}.svs,p{i // 2},{i % 2},{i}" for i in range(3)) + "\n")
+    store.import_labels(csv)
+    store.register(Run("r1", "fs extract", "{}", "host", utcnow(), utcnow(), 1.0, 0.5, "ok"),
+                   Failure("/bad.svs", "open", "SlideError", "truncated"))
+    return store, written
+
+
+def test_every_table_view(filled):
+    store, _ = filled
+    counts = {v: store.sql(f"SELECT count(*) AS n FROM {v}").column("n")[0].as_py()
+              for v in ["slides", "tiles", "labels", "encoders", "embedding_sets", "tilings", "slide_tilings",
+                        "bags", "runs", "failures"]}
+    assert counts == {"slides": 3, "tiles": 33, "labels": 3, "encoders": 2, "embedding_sets": 2, "tilings": 1,
+                      "slide_tilings": 3, "bags": 6, "runs": 1, "failures": 1}
+
+
+def test_embedding_views_carry_float_arrays(filled):
+    store, written = filled
+    assert set(store.view_names()) == {"emb_uni", "emb_test_tiny"}
+    types = dict(store.sql("DESCRIBE emb_uni").select(["column_name", "column_type"]).to_pylist()[i].values()
+                 for i in range(6))
+    assert types["embedding"] == "FLOAT[8]"
+    rows = store.sql("SELECT slide_id, avg(embedding[1]) AS m, count(*) AS n FROM emb_uni GROUP BY slide_id "
+                     "ORDER BY slide_id").to_pylist()
+    for i, row in enumerate(rows):
+        assert row["n"] == 10 + i
+        assert row["m"] == pytest.approx(written[i]["uni"][:, 0].mean(), rel=1e-5)
+    self_sim = store.sql("SELECT min(array_cosine_similarity(embedding, embedding)) AS s FROM emb_test_tiny")
+    assert self_sim.column("s")[0].as_py() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_vector_sql_joins_labels_and_self_joins(filled):
+    store, written = filled
+    per_label = store.sql("SELECT l.label, count(*) AS n FROM emb_uni e JOIN labels l USING (slide_id) "
+                          "GROUP BY l.label ORDER BY l.label").to_pylist()
+    assert per_label == [{"label": 0, "n": 10 + 12}, {"label": 1, "n": 11}]
+    nearest = store.sql("SELECT a.tile_id, b.tile_id AS hit FROM emb_uni a, emb_uni b WHERE a.tile_index = 0 "
+                        "AND a.slide_id = b.slide_id QUALIFY row_number() OVER (PARTITION BY a.tile_id ORDER BY "
+                        "array_cosine_similarity(a.embedding, b.embedding) DESC) = 1").to_pylist()
+    assert all(r["tile_id"] == r["hit"] for r in nearest) and len(nearest) == 3
+    mean_vec = store.sql(f"SELECT list_avg(list_transform(list(embedding), lambda x: x[2])) AS m FROM emb_uni "
+                         f"WHERE slide_id = '{make_slide(2).slide_id}'").column("m")[0].as_py()
+    assert mean_vec == pytest.approx(written[2]["uni"][:, 1].mean(), rel=1e-5)
+
+
+def test_same_encoder_on_two_tilings_gets_distinct_views(tmp_path, tiling):
+    store = Store.create(tmp_path / "s")
+    enc = make_encoder("uni", 4)
+    commit_random_slide(store, 0, tiling, [enc], 5)
+    commit_random_slide(store, 1, TilingSpec(1.0, 224), [enc], 6)
+    names = store.view_names()
+    assert len(names) == 2 and all(n.startswith("emb_uni_") for n in names)
+    for name in names:
+        assert store.sql(f"SELECT count(*) AS n FROM {name}").column("n")[0].as_py() in (5, 6)
+
+
+@pytest.mark.parametrize("statement", [
+    "CREATE TABLE x AS SELECT 1",
+    "INSERT INTO slides SELECT * FROM slides",
+    "COPY (SELECT 1) TO '/tmp/fs-should-not-exist.csv'",
+    "ATTACH '/tmp/fs-should-not-exist.db'",
+    "DROP VIEW slides",
+    "SELECT 1; SELECT 2",
+])
+def test_writes_are_refused_and_nothing_changes(filled, statement):
+    store, _ = filled
+    before = sorted(p.name for p in (store.root / "commits").iterdir())
+    with pytest.raises(ReadOnlyError):
+        store.sql(statement)
+    assert sorted(p.name for p in (store.root / "commits").iterdir()) == before
+
+
+def test_empty_store_views_exist(tmp_path):
+    store = Store.create(tmp_path / "s")
+    for view in ["slides", "tiles", "labels", "failures", "bags"]:
+        assert store.sql(f"SELECT count(*) AS n FROM {view}").column("n")[0].as_py() == 0
+    assert np.asarray(store.sql("SELECT * FROM tiles").column_names).size == 10
