@@ -10,7 +10,6 @@ and survival so that downstream students have something real to distil.
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +27,23 @@ _HEMATOXYLIN = np.array([80.0, 40.0, 130.0], dtype=np.float32)
 _PYRAMID_FACTOR = 4
 _PYRAMID_MIN_SIDE = 512
 
-# Nucleus morphology in µm: (radius low, radius high, nuclei per 1000 µm² of tissue, stain strength).
-_BENIGN_NUCLEI = (3.0, 4.0, 1.6, (0.75, 0.9))
-_TUMOUR_NUCLEI = (6.0, 8.0, 4.0, (0.9, 1.0))
 
 _SURVIVAL_SCALE_MONTHS = 120.0
 _SURVIVAL_HAZARD_PER_GRADE = 0.45
 _CENSORED_SHARE = 0.3
+
+
+@dataclass(frozen=True)
+class _Nuclei:
+    """Nucleus morphology of one tissue class, in physical units so it is independent of µm/px."""
+
+    radius_um: tuple[float, float]
+    per_1000_um2: float
+    stain: tuple[float, float]
+
+
+_BENIGN_NUCLEI = _Nuclei(radius_um=(3.0, 4.0), per_1000_um2=1.6, stain=(0.75, 0.9))
+_TUMOUR_NUCLEI = _Nuclei(radius_um=(6.0, 8.0), per_1000_um2=4.0, stain=(0.9, 1.0))
 
 
 @dataclass(frozen=True)
@@ -62,11 +71,10 @@ class DemoCohort:
 def make_cohort(
     root: Path, n_slides: int = 8, *, size: int = 4096, mpp: float = 0.5, seed: int = 0
 ) -> DemoCohort:
-    """Write ``n_slides`` square slides of ``size`` px and their labels; the same seed gives the same bytes.
+    """Write ``n_slides`` square slides of ``size`` px and labels; the same seed redraws the same cohort.
 
     Half the slides (rounded up) carry tumour. Some patients contribute two slides with
-    the same label, so patient-grouped splits differ from slide-level ones. Slide ``i``
-    is rendered from its own child seed, so it does not change when ``n_slides`` does.
+    the same label, so patient-grouped splits differ from slide-level ones.
     """
     if n_slides < 1:
         raise ValueError(f"n_slides must be >= 1, got {n_slides}")
@@ -130,8 +138,8 @@ def _survival(rng: np.random.Generator, grades: np.ndarray) -> tuple[np.ndarray,
 def _assign_patients(rng: np.random.Generator, labels: np.ndarray) -> list[str]:
     """Give ``n // 2 + 1`` patients to ``n`` slides; paired slides always share their label.
 
-    Pairs are taken alternately from the tumour and benign pools; the count always fits
-    because each pool holds at least twice its share of pairs.
+    Pairs are taken alternately from the tumour and benign pools. They always fit:
+    ``ceil(n / 2) - 1`` pairs never exceed ``tumour // 2 + benign // 2``.
     """
     n = len(labels)
     pools = [list(rng.permutation(np.flatnonzero(labels == v))) for v in (1, 0)]
@@ -159,15 +167,15 @@ def render_tissue(
 
     Tissue is one to three smooth blobs over 30-60 % of the area; ``tumour_fraction`` of
     the tissue area is tumour, where nuclei are about twice as large, darker and 2.5x as
-    dense. Nucleus sizes are physical (µm), so the signal holds at any ``mpp``. Every
-    full-size step is an in-place array operation, which keeps 4096 px near a second.
+    dense. Nucleus sizes are physical (µm), so the signal holds at any ``mpp``. Full-size
+    arithmetic runs in place on float32 buffers, which keeps 4096 px to a second or two.
     """
     if not 0.0 <= tumour_fraction <= 1.0:
         raise ValueError(f"tumour_fraction must be in [0, 1], got {tumour_fraction}")
     tissue = _blob_field(rng, size, n_blobs=int(rng.integers(1, 4)))
     tissue = tissue >= np.quantile(tissue[::4, ::4], 1 - rng.uniform(0.3, 0.6))
     tumour = np.zeros_like(tissue)
-    if tumour_fraction > 0 and tissue.any():
+    if tumour_fraction > 0:
         field = _blob_field(rng, size, n_blobs=1)
         tumour = tissue & (field >= np.quantile(field[tissue], 1 - tumour_fraction))
 
@@ -177,7 +185,9 @@ def render_tissue(
     noise = rng.standard_normal((size, size), dtype=np.float32)
 
     # Per pixel: stroma * (1 - stain) + hematoxylin * chromatin * stain, stroma shaded by texture.
-    stroma_weight = _upsample(rng.standard_normal((size // 16, size // 16)), size)
+    # One noise field serves twice: chromatin inside nuclei, grain on the (disjoint) background.
+    grain = ndimage.gaussian_filter(rng.standard_normal((max(size // 16, 4),) * 2), 1.0, mode="wrap")
+    stroma_weight = _upsample(grain / grain.std(), size)
     stroma_weight *= 0.06
     stroma_weight += 1
     stroma_weight *= 1 - stain
@@ -229,7 +239,7 @@ def _stamp_nuclei(
     rng: np.random.Generator,
     stain: np.ndarray,
     region: np.ndarray,
-    nuclei: tuple[float, float, float, tuple[float, float]],
+    nuclei: _Nuclei,
     mpp: float,
 ) -> None:
     """Draw antialiased discs into ``stain`` at a Poisson density inside ``region``.
@@ -237,13 +247,12 @@ def _stamp_nuclei(
     Discs are grouped by integer radius so each group is one broadcast index operation;
     overlaps keep the stronger stain.
     """
-    r_lo, r_hi, per_1000_um2, (s_lo, s_hi) = nuclei
     size = stain.shape[0]
-    ys, xs = rng.integers(0, size, (2, rng.poisson(per_1000_um2 * (size * mpp) ** 2 / 1000)))
+    ys, xs = rng.integers(0, size, (2, rng.poisson(nuclei.per_1000_um2 * (size * mpp) ** 2 / 1000)))
     inside = region[ys, xs]
     ys, xs = ys[inside], xs[inside]
-    radii = rng.uniform(r_lo, r_hi, len(ys)) / mpp
-    strength = rng.uniform(s_lo, s_hi, len(ys)).astype(np.float32)
+    radii = rng.uniform(*nuclei.radius_um, len(ys)) / mpp
+    strength = rng.uniform(*nuclei.stain, len(ys)).astype(np.float32)
     for r in np.unique(np.ceil(radii).astype(int)):
         dy, dx = np.mgrid[-r : r + 1, -r : r + 1].reshape(2, -1)
         dist = np.hypot(dy, dx)
