@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -111,3 +112,76 @@ def demo_cohort(out: Annotated[Path, typer.Argument(help="Directory for slides/ 
 
     cohort = make_cohort(out, n_slides, size=size, seed=seed)
     console.print(f"wrote {len(cohort.slides)} slides to {out / 'slides'} and labels to {cohort.labels_csv}")
+
+
+class Reader(StrEnum):
+    auto = "auto"
+    cucim = "cucim"
+    openslide = "openslide"
+
+
+class Tissue(StrEnum):
+    otsu = "otsu"
+    none = "none"
+
+
+class Edge(StrEnum):
+    pad = "pad"
+    drop = "drop"
+
+
+@app.command()
+@friendly
+def extract(
+    paths: Annotated[list[str], typer.Argument(help="Slide files, folders (recursive) or globs.")],
+    store: StoreOpt,
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Teacher name; repeat for several.")],
+    weights: Annotated[list[str] | None, typer.Option(help="NAME=PATH local weights for a teacher.")] = None,
+    mpp: Annotated[float, typer.Option(help="Target µm/px of the teacher tiles.")] = 0.5,
+    tile_size: Annotated[int, typer.Option(help="Tile edge in px at --mpp.")] = 224,
+    overlap: Annotated[int, typer.Option(help="Overlap between tiles in px at --mpp.")] = 0,
+    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a kept tile.")] = 0.25,
+    tissue: Annotated[Tissue, typer.Option(help="Tissue detection: otsu, or none to tile everything.")]
+    = Tissue.otsu,
+    edge: Annotated[Edge, typer.Option(help="Edge tiles: pad with white, or drop.")] = Edge.pad,
+    reader: Annotated[Reader, typer.Option(help="Slide reader backend.")] = Reader.auto,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
+    read_workers: Annotated[int, typer.Option(help="Threads reading tiles ahead of compute.")] = 4,
+    workers: Annotated[int, typer.Option(help="Local Dask worker processes (0: in this process).")] = 0,
+    scheduler: Annotated[str | None, typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")]
+    = None,
+    cache_pixels: Annotated[list[str] | None, typer.Option(help="Store tile pixels SIZE@MPP; repeatable.")]
+    = None,
+    assume_mpp: Annotated[float | None, typer.Option(help="µm/px for slides whose files have none.")] = None,
+    float32: Annotated[bool, typer.Option("--float32", help="Store float32 instead of float16.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List slides and tile counts; load no model.")]
+    = False,
+) -> None:
+    """Tile slides and store teacher embeddings (stage one). Safe to re-run: finished work is skipped."""
+    import sys
+
+    from cli._progress import ExtractProgress, print_dry_run, print_summary
+    from pipelines.extract import ExtractOptions, PixelSpec, dry_run_counts, run_extract
+    from schemas import TilingSpec
+
+    tiling = TilingSpec(target_mpp=mpp, tile_size=tile_size, overlap=overlap, tissue_method=tissue.value,
+                        min_tissue=min_tissue, edge=edge.value)
+    try:
+        pixel_specs = tuple(PixelSpec.parse(p) for p in cache_pixels or [])
+        weight_map = dict(w.split("=", 1) for w in weights or [])
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    opts = ExtractOptions(models=tuple(model), tiling=tiling, weights=weight_map, reader=reader.value,
+                          device=device, batch_size=batch_size, read_workers=read_workers,
+                          cache_pixels=pixel_specs, assume_mpp=assume_mpp, dtype="float32" if float32 else "float16")
+    if dry_run:
+        print_dry_run(dry_run_counts(paths, opts), console)
+        return
+    with ExtractProgress(console) as progress:
+        report = run_extract(paths, store, opts, workers=workers, scheduler=scheduler,
+                             command="fs " + " ".join(sys.argv[1:]), on_start=progress.start,
+                             on_outcome=progress.advance)
+    print_summary(report, store, console)
+    if report.failed:
+        raise typer.Exit(1)

@@ -60,6 +60,15 @@ def tiles_table(slide_id: str, tiling_id: str, x: np.ndarray, y: np.ndarray, lev
 
 
 @dataclass(frozen=True)
+class TiledPixels:
+    """Tiles and their pixels on a further tiling of the same slide (e.g. a lower magnification)."""
+
+    tiling: TilingSpec
+    tiles: pa.Table
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
 class SlideCommit:
     """Everything extraction produces for one slide and one tiling, committed as one unit.
 
@@ -73,6 +82,7 @@ class SlideCommit:
     embeddings: dict[EncoderSpec, np.ndarray] = field(default_factory=dict)
     pixels: np.ndarray | None = None
     dtype: str = "float16"
+    extra: tuple[TiledPixels, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -224,15 +234,22 @@ class Store:
                                          f"expected ({n}, ..., {spec.embed_dim}) to match the tiles")
             views = emb.shape[1] if emb.ndim == 3 else 1
             sets.append((EmbeddingSet(item.tiling.id, spec.id, spec.name, spec.embed_dim, item.dtype, views), emb))
-        if item.pixels is not None and item.pixels.shape[0] != n:
-            raise InvalidRecordError(f"{item.slide.path}: {item.pixels.shape[0]} tile images for {n} tiles")
+        layers = [TiledPixels(item.tiling, item.tiles, item.pixels)] if item.tiles is not None else []
+        layers += item.extra
+        for layer in layers:
+            if layer.pixels is not None and layer.pixels.shape[0] != layer.tiles.num_rows:
+                raise InvalidRecordError(f"{item.slide.path}: {layer.pixels.shape[0]} tile images for "
+                                         f"{layer.tiles.num_rows} tiles of tiling {layer.tiling.id}")
         with self.transaction() as txn:
-            txn.add(item.slide, *self._unknown([item.tiling, *item.embeddings, *(s for s, _ in sets)]))
-            if item.tiles is not None:
-                txn.add_table("tiles", item.tiles)
-                txn.add(SlideTiling(item.slide.slide_id, item.tiling.id, n, item.pixels is not None))
-            if item.pixels is not None:
-                txn.write_pixels(item.tiling.id, item.pixels)
+            txn.add(item.slide, *self._unknown([item.tiling, *(x.tiling for x in item.extra), *item.embeddings,
+                                                *(s for s, _ in sets)]))
+            if layers:
+                txn.add_table("tiles", pa.concat_tables([x.tiles for x in layers]))
+            for layer in layers:
+                txn.add(SlideTiling(item.slide.slide_id, layer.tiling.id, layer.tiles.num_rows,
+                                    layer.pixels is not None))
+                if layer.pixels is not None:
+                    txn.write_pixels(layer.tiling.id, layer.pixels)
             for es, emb in sets:
                 txn.write_embeddings(es.id, emb.astype(es.dtype, copy=False))
                 txn.add(Bag(es.id, item.slide.slide_id, n))

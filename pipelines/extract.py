@@ -1,0 +1,340 @@
+"""Stage one: slides → tissue → tiles → teacher embeddings → one atomic store commit per slide.
+
+Reading overlaps compute: a thread pool reads and decodes the next batches of
+tiles (OpenSlide and cuCIM release the GIL) while the current batch runs through
+every teacher. Tiles are read once per slide and every teacher's embeddings are
+stored against the same tile index.
+
+Resumability comes from the store: a slide is skipped when every requested
+encoder already has its bag, a slide tiled before gets only the missing
+encoders, and a crash leaves at most an invisible staging directory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featurestore.slides import open_slide, qc_overlay, read_tiles, tile_grid, tissue_mask
+from featurestore.store import SlideCommit, Store, TiledPixels, tiles_table
+from pipelines.discover import find_slides
+from pipelines.register import describe_slide
+from schemas import EncoderSpec, Failure, FsError, Run, TilingSpec
+from schemas._record import utcnow
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """Tile pixels to cache for students: ``size`` px at ``mpp`` µm/px (``224@0.5``)."""
+
+    size: int
+    mpp: float
+
+    @classmethod
+    def parse(cls, text: str) -> PixelSpec:
+        try:
+            size, mpp = text.split("@")
+            return cls(int(size), float(mpp))
+        except ValueError as err:
+            raise ValueError(f"--cache-pixels {text!r}: expected SIZE@MPP such as 224@0.5") from err
+
+    def __str__(self) -> str:
+        return f"{self.size}@{self.mpp:g}"
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Everything that decides what an extraction computes (and so what resume compares)."""
+
+    models: tuple[str, ...]
+    tiling: TilingSpec
+    weights: dict[str, str] = field(default_factory=dict)
+    reader: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    read_workers: int = 4
+    cache_pixels: tuple[PixelSpec, ...] = ()
+    assume_mpp: float | None = None
+    dtype: str = "float16"
+    qc: bool = True
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    path: str
+    slide_id: str
+    status: str
+    tiles: int = 0
+    models: tuple[str, ...] = ()
+    seconds: float = 0.0
+    device_seconds: float = 0.0
+    error: str = ""
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FsError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    return device
+
+
+_TEACHERS: dict[tuple, list] = {}
+
+
+def load_teachers(opts: ExtractOptions, device: str) -> list:
+    """Teachers for this process, built once and kept (Dask workers reuse them across slides)."""
+    key = (opts.models, tuple(sorted(opts.weights.items())), device)
+    if key not in _TEACHERS:
+        from featurestore.encoders import build_teacher
+
+        _TEACHERS[key] = [build_teacher(m, weights=opts.weights.get(m), device=device) for m in opts.models]
+    return _TEACHERS[key]
+
+
+def _derived_tiling(base: TilingSpec, spec: PixelSpec) -> tuple[TilingSpec, int]:
+    """A coarser tiling whose tiles cover exactly ``k × k`` base tiles, for cross-magnification pairs."""
+    ratio = spec.size * spec.mpp / (base.tile_size * base.target_mpp)
+    k = round(ratio)
+    if k < 1 or abs(ratio - k) > 1e-6 or base.overlap:
+        raise FsError(f"--cache-pixels {spec}: its field of view must be a whole multiple of the teacher tile's "
+                      f"({base.tile_size}@{base.target_mpp:g}) with no overlap; e.g. "
+                      f"{base.tile_size}@{base.target_mpp * 4:g}")
+    derived = TilingSpec(target_mpp=spec.mpp, tile_size=spec.size, overlap=0, tissue_method=base.tissue_method,
+                         thumbnail_mpp=base.thumbnail_mpp, saturation_floor=base.saturation_floor,
+                         close_um=base.close_um, min_object_um2=base.min_object_um2, min_tissue=0.0, edge="pad")
+    return derived, k
+
+
+def _batches(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _prefetch(read: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray], workers: int,
+              depth: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (indices, pixels) in order while up to ``depth`` later batches are read in the background."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending: deque = deque()
+        it = iter(batches)
+        for idx in it:
+            pending.append((idx, pool.submit(read, idx)))
+            if len(pending) >= depth:
+                break
+        while pending:
+            idx, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(read, nxt)))
+            yield idx, fut.result()
+
+
+def embed_batches(teachers: list, pixel_batches: Iterator[tuple[np.ndarray, np.ndarray]], n: int,
+                  device: str) -> tuple[dict[EncoderSpec, np.ndarray], float, list[np.ndarray]]:
+    """Run every teacher on every batch; returns embeddings per encoder, device seconds and the pixels seen."""
+    import torch
+
+    out = {t.spec: np.empty((n, t.spec.embed_dim), np.float32) for t in teachers}
+    kept: list[np.ndarray] = []
+    device_s = 0.0
+    cuda = device.startswith("cuda")
+    with torch.inference_mode():
+        for idx, pixels in pixel_batches:
+            kept.append(pixels)
+            x = torch.from_numpy(pixels)
+            if cuda:
+                x = x.pin_memory().to(device, non_blocking=True)
+            t0 = time.perf_counter()
+            for t in teachers:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                    emb = t(x)
+                out[t.spec][idx] = emb.float().cpu().numpy()
+            device_s += time.perf_counter() - t0
+    return out, device_s, kept
+
+
+def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions) -> SlideOutcome:
+    """Extract one slide and commit it; failures are recorded in the store and returned, never raised."""
+    t0 = time.perf_counter()
+    stage = "open"
+    try:
+        device = resolve_device(opts.device)
+        teachers = load_teachers(opts, device)
+        done = {t.spec.id for t in teachers if slide_id in store.completed(opts.tiling.id, t.spec.id)}
+        todo = [t for t in teachers if t.spec.id not in done]
+        if not todo:
+            return SlideOutcome(str(path), slide_id, "skipped")
+        slide = describe_slide(path, slide_id, reader=opts.reader, assume_mpp=opts.assume_mpp)
+        already_tiled = slide_id in store.completed(opts.tiling.id)
+        with open_slide(path, opts.reader) as reader:
+            stage = "tissue"
+            mpp = slide.mpp_x
+            mask = tissue_mask(reader, opts.tiling, mpp=mpp)
+            grid = tile_grid(reader, opts.tiling, mask, mpp=mpp)
+            if already_tiled:
+                tiles = store.read_tiles(slide_id, opts.tiling.id)
+                grid = grid.with_coordinates(tiles.column("x").to_numpy(), tiles.column("y").to_numpy())
+            if len(grid) == 0:
+                raise FsError(f"{path}: no tile has ≥{opts.tiling.min_tissue:.0%} tissue; check the slide, "
+                              "or lower --min-tissue / use --tissue none")
+            stage = "embed"
+            size = opts.tiling.tile_size
+            batches = _batches(len(grid), opts.batch_size)
+            stream = _prefetch(lambda idx: read_tiles(reader, grid, idx, size), batches, opts.read_workers, depth=3)
+            embeddings, device_s, seen = embed_batches(todo, stream, len(grid), device)
+            stage = "pixels"
+            cache_base = not already_tiled and any(p.size == size and p.mpp == opts.tiling.target_mpp
+                                                   for p in opts.cache_pixels)
+            extra = () if already_tiled else tuple(_extra_layers(reader, slide_id, grid, opts))
+            if opts.qc and not already_tiled:
+                qc_dir = store.root / "qc"
+                qc_dir.mkdir(exist_ok=True)
+                qc_overlay(reader, mask, grid, qc_dir / f"{slide_id}.png")
+        new_tiles = None if already_tiled else tiles_table(
+            slide_id, opts.tiling.id, grid.x, grid.y, grid.level, grid.read_size, grid.tissue_fraction)
+        stage = "commit"
+        store.commit_slide(SlideCommit(slide, opts.tiling, new_tiles, embeddings,
+                                       np.concatenate(seen) if cache_base else None, opts.dtype, extra))
+        return SlideOutcome(str(path), slide_id, "done", len(grid), tuple(t.spec.name for t in todo),
+                            time.perf_counter() - t0, device_s)
+    except Exception as err:  # noqa: BLE001 - one bad slide must not stop a cohort; it is recorded below.
+        message = str(err).splitlines()[0] if str(err) else repr(err)
+        if not isinstance(err, FsError):
+            message = f"{path}: {type(err).__name__}: {message}"
+        store.register(Failure(str(path), stage, type(err).__name__, message, slide_id))
+        return SlideOutcome(str(path), slide_id, "failed", seconds=time.perf_counter() - t0,
+                            error=message + ("" if isinstance(err, FsError) else "\n" + traceback.format_exc(limit=3)))
+
+
+def _extra_layers(reader, slide_id: str, grid, opts: ExtractOptions) -> Iterator[TiledPixels]:
+    """Pixels at further magnifications, on tilings aligned so each tile covers k×k teacher tiles."""
+    for spec in opts.cache_pixels:
+        if spec.size == opts.tiling.tile_size and spec.mpp == opts.tiling.target_mpp:
+            continue
+        derived, k = _derived_tiling(opts.tiling, spec)
+        coarse = grid.coarsen(k)
+        pixels = read_tiles(reader, coarse, np.arange(len(coarse)), spec.size, num_workers=opts.read_workers)
+        yield TiledPixels(derived, tiles_table(slide_id, derived.id, coarse.x, coarse.y, coarse.level,
+                                               coarse.read_size, coarse.tissue_fraction), pixels)
+
+
+@dataclass
+class ExtractReport:
+    outcomes: list[SlideOutcome] = field(default_factory=list)
+    duplicates: list[tuple[Path, Path]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def tiles(self) -> int:
+        return sum(o.tiles for o in self.outcomes)
+
+
+def _versions() -> str:
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for pkg in ("featurestore-path", "torch", "timm", "openslide-python", "cucim-cu13", "zarr", "duckdb"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    found["python"] = platform.python_version()
+    return json.dumps(found, sort_keys=True)
+
+
+def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions, *, workers: int = 0,
+                scheduler: str | None = None, command: str = "fs extract",
+                on_start: Callable[[int], None] | None = None,
+                on_outcome: Callable[[SlideOutcome], None] | None = None) -> ExtractReport:
+    """Extract every slide under ``paths`` into the store, in-process or on a Dask cluster.
+
+    ``workers`` > 0 starts a local Dask cluster with one process per worker (one per GPU on a GPU
+    box); ``scheduler`` connects to an existing cluster. Each slide commits on its own, so any number
+    of workers keeps the store consistent.
+    """
+    t0 = time.perf_counter()
+    store = Store.open_or_create(store_path)
+    found = find_slides(paths)
+    report = ExtractReport(duplicates=found.duplicates, missing=found.missing)
+    run = Run(run_id=f"run-{time.time_ns()}-{os.getpid()}", command=command, versions=_versions(),
+              host=socket.gethostname(), started_at=utcnow())
+    store.register(run)
+    jobs = list(found.slides.items())
+    if on_start:
+        on_start(len(jobs))
+    if workers or scheduler:
+        outcomes = _run_dask(jobs, store_path, opts, workers, scheduler)
+    else:
+        outcomes = (extract_slide(store, path, sid, opts) for sid, path in jobs)
+    for outcome in outcomes:
+        report.outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+    report.wall_seconds = time.perf_counter() - t0
+    status = "failed" if report.failed else "ok"
+    store.register(Run(run.run_id, command, run.versions, run.host, run.started_at, utcnow(), report.wall_seconds,
+                       sum(o.device_seconds for o in report.outcomes), status))
+    return report
+
+
+@dataclass(frozen=True)
+class PlannedSlide:
+    path: str
+    slide_id: str
+    tiles: int
+    mpp: float | None
+    error: str = ""
+
+
+def dry_run_counts(paths: list[str | Path], opts: ExtractOptions) -> list[PlannedSlide]:
+    """What an extraction would do: slides and their tile counts, without loading any model."""
+    plan = []
+    for slide_id, path in find_slides(paths).slides.items():
+        try:
+            slide = describe_slide(path, slide_id, reader=opts.reader, assume_mpp=opts.assume_mpp)
+            with open_slide(path, opts.reader) as reader:
+                mask = tissue_mask(reader, opts.tiling, mpp=slide.mpp_x)
+                n = len(tile_grid(reader, opts.tiling, mask, mpp=slide.mpp_x))
+            plan.append(PlannedSlide(str(path), slide_id, n, slide.mpp_x))
+        except FsError as err:
+            plan.append(PlannedSlide(str(path), slide_id, 0, None, str(err)))
+    return plan
+
+
+def _dask_task(path: str, slide_id: str, store_path: str, opts: ExtractOptions) -> SlideOutcome:
+    return extract_slide(Store.open(store_path), Path(path), slide_id, opts)
+
+
+def _run_dask(jobs: list[tuple[str, Path]], store_path: Path, opts: ExtractOptions, workers: int,
+              scheduler: str | None) -> Iterator[SlideOutcome]:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                  dashboard_address=None)
+    client = Client(scheduler or cluster)
+    try:
+        futures = [client.submit(_dask_task, str(path), sid, str(Path(store_path).resolve()), opts,
+                                 key=f"extract-{sid}", pure=False) for sid, path in jobs]
+        for fut in as_completed(futures):
+            yield fut.result()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

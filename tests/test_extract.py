@@ -1,0 +1,292 @@
+"""Stage one end to end on generated slides: embeddings, resume, kills, failures, Dask."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from featurestore.encoders import build_teacher
+from featurestore.slides import open_slide, read_tiles, tile_grid, tissue_mask
+from featurestore.store import Store
+from pipelines.demo import make_cohort
+from pipelines.extract import ExtractOptions, PixelSpec, dry_run_counts, run_extract
+from schemas import TilingSpec
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = "test/tiny-cnn"
+TILING = TilingSpec(target_mpp=0.5, tile_size=224)
+
+
+def opts(*models: str, **kw) -> ExtractOptions:
+    return ExtractOptions(models=models or (TEACHER,), tiling=TILING, device="cpu", batch_size=16, qc=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("cohort"), 3, size=2048, seed=1)
+
+
+@pytest.fixture(scope="module")
+def clean_store(cohort, tmp_path_factory):
+    """One uninterrupted in-process extraction: the reference the other runs must equal."""
+    path = tmp_path_factory.mktemp("clean") / "store"
+    report = run_extract([cohort.root / "slides"], path, opts())
+    assert not report.failed, [o.error for o in report.failed]
+    return Store.open(path, read_only=True)
+
+
+def snapshot(store: Store, model: str = TEACHER) -> dict[str, tuple]:
+    """Everything a user reads back, keyed by slide: tile coordinates and embeddings."""
+    es = store.embedding_set(model)
+    out = {}
+    for slide_id, tiles, emb in store.iter_bags(es):
+        out[slide_id] = (tiles.column("x").to_pylist(), tiles.column("y").to_pylist(), emb.tobytes())
+    return out
+
+
+def test_extract_writes_tiles_embeddings_qc_and_run(clean_store, cohort):
+    info = clean_store.info()
+    assert info.slides == 3 and info.failures == 0
+    assert info.tiles > 30
+    [(view, _, n_slides, n_tiles)] = info.embedding_sets
+    assert (view, n_slides, n_tiles) == ("emb_test_tiny_cnn", 3, info.tiles)
+    assert len(list((clean_store.root / "qc").glob("*.png"))) == 3
+    run = clean_store.runs()[-1]
+    assert run.status == "ok" and run.finished_at is not None and "torch" in run.versions
+    slides = clean_store.sql("SELECT path, mpp_x, mpp_assumed, vendor FROM slides").to_pylist()
+    assert all(s["mpp_x"] == pytest.approx(0.5) and not s["mpp_assumed"] for s in slides)
+
+
+def test_pipeline_embeddings_equal_a_direct_model_call(clean_store):
+    teacher = build_teacher(TEACHER, device="cpu")
+    es = clean_store.embedding_set(TEACHER)
+    slide = clean_store.slides()[0]
+    tiles = clean_store.read_tiles(slide.slide_id, TILING.id)
+    with open_slide(slide.path) as reader:
+        grid = tile_grid(reader, TILING, tissue_mask(reader, TILING, mpp=slide.mpp_x), mpp=slide.mpp_x)
+        grid = grid.with_coordinates(tiles.column("x").to_numpy(), tiles.column("y").to_numpy())
+        pixels = read_tiles(reader, grid, np.arange(len(grid)), TILING.tile_size)
+    with torch.inference_mode():
+        direct = teacher(torch.from_numpy(pixels)).numpy()
+    stored = clean_store.read_bag(es, slide.slide_id).astype(np.float32)
+    np.testing.assert_allclose(stored, direct, rtol=1e-3, atol=1e-3)
+    assert np.array_equal(stored, direct.astype(np.float16).astype(np.float32))
+
+
+def test_rerun_skips_and_new_model_runs_only_on_existing_tiles(cohort, clean_store, tmp_path):
+    path = tmp_path / "store"
+    shutil.copytree(clean_store.root, path)
+    again = run_extract([cohort.root / "slides"], path, opts())
+    assert [o.status for o in again.outcomes] == ["skipped"] * 3
+    tile_commits = Store.open(path).sql("SELECT DISTINCT commit_id FROM tiles ORDER BY 1").to_pylist()
+    more = run_extract([cohort.root / "slides"], path, opts(TEACHER, "test/tiny-vit"))
+    assert [o.models for o in more.outcomes] == [("test/tiny-vit",)] * 3
+    store = Store.open(path)
+    assert store.sql("SELECT DISTINCT commit_id FROM tiles ORDER BY 1").to_pylist() == tile_commits
+    assert snapshot(store) == snapshot(clean_store)
+    assert store.info().embedding_sets[1][3] == store.info().tiles
+
+
+def test_several_teachers_share_one_tile_index(cohort, tmp_path):
+    report = run_extract([cohort.root / "slides"], tmp_path / "s", opts(TEACHER, "test/tiny-vit"))
+    assert all(o.models == (TEACHER, "test/tiny-vit") for o in report.outcomes)
+    store = Store.open(tmp_path / "s")
+    counts = store.sql("SELECT set_id, sum(n_tiles) AS n FROM bags GROUP BY set_id").column("n").to_pylist()
+    assert counts == [store.info().tiles] * 2
+
+
+def test_cached_pixels_at_two_magnifications_pair_exactly(cohort, tmp_path):
+    o = opts(cache_pixels=(PixelSpec(224, 0.5), PixelSpec(224, 2.0)))
+    run_extract([cohort.root / "slides"], tmp_path / "s", o)
+    store = Store.open(tmp_path / "s")
+    low = next(t for t in store.tilings() if t.target_mpp == 2.0)
+    slide = store.slides()[0]
+    hi_tiles = store.read_tiles(slide.slide_id, TILING.id)
+    lo_tiles = store.read_tiles(slide.slide_id, low.id)
+    assert store.read_pixels(TILING.id, slide.slide_id).shape == (hi_tiles.num_rows, 224, 224, 3)
+    assert store.read_pixels(low.id, slide.slide_id).shape == (lo_tiles.num_rows, 224, 224, 3)
+    footprint = 224  # level-0 px of one teacher tile: 224 px at 0.5 µm/px on a 0.5 µm/px slide
+    lx, ly = lo_tiles.column("x").to_numpy(), lo_tiles.column("y").to_numpy()
+    hx, hy = hi_tiles.column("x").to_numpy(), hi_tiles.column("y").to_numpy()
+    assert np.all(lx % (4 * footprint) == 0) and np.all(ly % (4 * footprint) == 0)
+    parents = {(x - x % (4 * footprint), y - y % (4 * footprint)) for x, y in zip(hx, hy, strict=True)}
+    assert parents == set(zip(lx.tolist(), ly.tolist(), strict=True)), "every teacher tile has one coarse parent"
+    with open_slide(slide.path) as reader:
+        region = reader.read_region((int(lx[0]), int(ly[0])), 0, (4 * footprint, 4 * footprint))
+    small = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(region).resize((224, 224)))
+    got = store.read_pixels(low.id, slide.slide_id, np.array([0]))[0]
+    assert np.abs(got.astype(int) - small.astype(int)).mean() < 3, "the coarse tile shows its footprint"
+
+
+def write_plain_tiff(path: Path, rgb: np.ndarray, *, mpp: float | None) -> None:
+    kw = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="jpeg", **kw)
+
+
+def test_bad_slides_are_recorded_and_the_rest_complete(cohort, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(cohort.root / "slides", folder)
+    (folder / "corrupt.svs").write_bytes(os.urandom(5000))
+    good = next(folder.glob("*.tiff"))
+    (folder / "truncated.tiff").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    write_plain_tiff(folder / "blank.tiff", np.full((1024, 1024, 3), 245, np.uint8), mpp=0.5)
+    (folder / "notes.ndpi").write_text("not a slide")
+    report = run_extract([folder], tmp_path / "s", opts())
+    by_name = {Path(o.path).name: o for o in report.outcomes}
+    assert sum(o.status == "done" for o in report.outcomes) == 3
+    assert {n for n, o in by_name.items() if o.status == "failed"} == {"corrupt.svs", "truncated.tiff",
+                                                                        "blank.tiff", "notes.ndpi"}
+    assert "tissue" in by_name["blank.tiff"].error
+    store = Store.open(tmp_path / "s")
+    failures = {Path(f.slide_path).name: f for f in store.failures()}
+    assert set(failures) == {"corrupt.svs", "truncated.tiff", "blank.tiff", "notes.ndpi"}
+    assert store.info().slides == 3 and store.runs()[-1].status == "failed"
+
+
+def test_missing_mpp_is_refused_then_assumed(tmp_path, cohort):
+    folder = tmp_path / "nompp"
+    folder.mkdir()
+    rgb = np.asarray(open_slide(cohort.slides[0].path).read_region((512, 512), 0, (1024, 1024)))
+    write_plain_tiff(folder / "nompp.tiff", rgb, mpp=None)
+    report = run_extract([folder], tmp_path / "s", opts())
+    [failed] = report.failed
+    assert "nompp.tiff" in failed.error and "--assume-mpp" in failed.error and "\n" not in failed.error
+    report = run_extract([folder], tmp_path / "s", opts(assume_mpp=0.5))
+    assert not report.failed
+    [slide] = Store.open(tmp_path / "s").slides()
+    assert slide.mpp_assumed and slide.mpp_x == 0.5
+
+
+def test_renamed_and_copied_slides_are_recognised(cohort, clean_store, tmp_path):
+    folder = tmp_path / "moved"
+    folder.mkdir()
+    first = cohort.slides[0].path
+    shutil.copy(first, folder / "renamed.tiff")
+    shutil.copy(first, folder / "copy.tiff")
+    path = tmp_path / "store"
+    shutil.copytree(clean_store.root, path)
+    report = run_extract([folder], path, opts())
+    assert [o.status for o in report.outcomes] == ["skipped"]
+    assert len(report.duplicates) == 1
+
+
+def test_dry_run_loads_no_model(cohort, monkeypatch):
+    import featurestore.encoders
+
+    monkeypatch.setattr(featurestore.encoders, "build_teacher", lambda *a, **k: pytest.fail("model built"))
+    plan = dry_run_counts([cohort.root / "slides"], opts())
+    assert len(plan) == 3 and all(p.tiles > 0 and not p.error for p in plan)
+
+
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    import pipelines.extract as ex
+    from featurestore.store import _commit
+    from schemas import TilingSpec
+
+    slides, store, point, after, flag = sys.argv[1:6]
+    after = int(after)
+    calls = {"embed": 0, "publish": 0}
+
+    def stall(kind):
+        calls[kind] += 1
+        if kind == point and calls[kind] > after:
+            Path(flag).write_text("ready")
+            time.sleep(300)
+
+    real_embed, real_rename = ex.embed_batches, os.rename
+    ex.embed_batches = lambda *a, **k: (stall("embed"), real_embed(*a, **k))[1]
+    _commit.os.rename = lambda s, d: ((Path(s) / "tiles.parquet").exists() and stall("publish"),
+                                      real_rename(s, d))[1]
+    opts = ex.ExtractOptions(models=("test/tiny-cnn",), tiling=TilingSpec(0.5, 224), device="cpu", batch_size=16)
+    ex.run_extract([slides], Path(store), opts)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("point", "after", "sig"), [
+    ("embed", 0, signal.SIGKILL),    # first slide, before anything is committed
+    ("publish", 1, signal.SIGKILL),  # second slide staged, not yet published
+    ("embed", 2, signal.SIGKILL),    # two slides committed, third mid-way
+    ("embed", 1, signal.SIGINT),     # Ctrl-C mid-slide
+])
+def test_killed_extraction_resumes_to_the_clean_result(cohort, clean_store, tmp_path, point, after, sig):
+    path, flag = tmp_path / "store", tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(cohort.root / "slides"), str(path), point,
+                              str(after), str(flag)], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert child.poll() is None, "extraction ended before the kill point"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        child.send_signal(sig)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    interrupted = Store.open(path)
+    assert interrupted.info().slides == after
+    if sig == signal.SIGINT:
+        assert interrupted.info().staging == 0, "Ctrl-C cleans up its transaction"
+    report = run_extract([cohort.root / "slides"], path, opts())
+    assert not report.failed
+    assert sum(o.status == "done" for o in report.outcomes) == 3 - after
+    resumed = Store.open(path)
+    assert snapshot(resumed) == snapshot(clean_store)
+    assert resumed.info().tiles == clean_store.info().tiles
+
+
+@pytest.mark.slow
+def test_dask_cluster_of_two_workers_equals_single_process(cohort, clean_store, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    sched_file = tmp_path / "scheduler.json"
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(sched_file)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.exists():
+            assert time.monotonic() < deadline, "dask scheduler did not start"
+            time.sleep(0.1)
+        for _ in range(2):
+            procs.append(subprocess.Popen([bin_dir / "dask", "worker", "--scheduler-file", str(sched_file),
+                                           "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
+                                          env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        import json
+
+        from dask.distributed import Client
+
+        address = json.loads(sched_file.read_text())["address"]
+        with Client(address) as client:
+            client.wait_for_workers(2, timeout=60)
+            workers = list(client.scheduler_info()["workers"])
+        report = run_extract([cohort.root / "slides"], tmp_path / "s", opts(), scheduler=address)
+        assert not report.failed and len(report.outcomes) == 3
+        got, want = snapshot(Store.open(tmp_path / "s")), snapshot(clean_store)
+        assert got.keys() == want.keys()
+        for sid, (x, y, emb) in got.items():
+            assert (x, y) == want[sid][:2]
+            # Worker processes run torch with other thread counts: sums may differ in the last float16 bit.
+            np.testing.assert_allclose(np.frombuffer(emb, np.float16), np.frombuffer(want[sid][2], np.float16),
+                                       rtol=2e-3, atol=1e-4)
+        assert len(workers) == 2
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
