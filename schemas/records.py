@@ -85,7 +85,8 @@ class TilingSpec(Record):
     def validate(self) -> None:
         require(_positive(self.target_mpp), "TilingSpec.target_mpp", f"must be > 0, got {self.target_mpp}")
         require(self.tile_size >= 8, "TilingSpec.tile_size", f"must be >= 8 px, got {self.tile_size}")
-        require(0 <= self.overlap < self.tile_size, "TilingSpec.overlap", f"must be in [0, tile_size), got {self.overlap}")
+        require(0 <= self.overlap < self.tile_size, "TilingSpec.overlap",
+                f"must be in [0, tile_size), got {self.overlap}")
         require(self.tissue_method in ("otsu", "none"), "TilingSpec.tissue_method", "choose 'otsu' or 'none'")
         require(0.0 <= self.min_tissue <= 1.0, "TilingSpec.min_tissue", f"must be in [0, 1], got {self.min_tissue}")
         require(self.edge in ("pad", "drop"), "TilingSpec.edge", "choose 'pad' or 'drop'")

@@ -48,11 +48,14 @@ def test_openslide_sees_pyramid_and_mpp(cohort: DemoCohort) -> None:
 
 
 def test_cucim_agrees_with_openslide(cohort: DemoCohort) -> None:
-    cucim = pytest.importorskip("cucim")
+    pytest.importorskip("cucim")
+    from featurestore.slides._cucim import import_cuimage  # sets the cuFile config before cucim loads
+
+    cuimage = import_cuimage()
     # One tile-aligned window and one straddling four tiles, to cover tile seams.
     locations = [(768, 768), (1000, 1130)]
     for slide in cohort.slides:
-        img = cucim.CuImage(str(slide.path))
+        img = cuimage(str(slide.path))
         with openslide.OpenSlide(slide.path) as osr:
             assert img.resolutions["level_count"] == osr.level_count
             assert tuple(map(tuple, img.resolutions["level_dimensions"])) == osr.level_dimensions

@@ -15,7 +15,19 @@ from typing import ClassVar, Self
 
 import numpy as np
 
+from schemas.errors import SlideError
+
 WHITE: tuple[int, int, int] = (255, 255, 255)
+
+
+def best_level(level_downsamples: Sequence[float], downsample: float) -> int:
+    """The coarsest level whose downsample is at or below ``downsample``; a function so tiling can plan
+    reads from a slide's geometry alone, without an open reader."""
+    best = 0
+    for i, d in enumerate(level_downsamples):
+        if d <= downsample * (1 + 1e-6):
+            best = i
+    return best
 
 
 class SlideReader(ABC):
@@ -71,6 +83,13 @@ class SlideReader(ABC):
     def close(self) -> None:
         """Release the file handle."""
 
+    def _check_read(self, level: int, size: tuple[int, int]) -> None:
+        """Reject bad reads here, so both backends fail alike instead of each in its own way."""
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"{self.path}: level {level} does not exist; choose 0..{self.level_count - 1}")
+        if size[0] <= 0 or size[1] <= 0:
+            raise SlideError(f"{self.path}: region size {size} is empty; pass a positive (width, height)")
+
     @property
     def dimensions(self) -> tuple[int, int]:
         return self.level_dimensions[0]
@@ -81,11 +100,7 @@ class SlideReader(ABC):
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest level whose downsample is at or below ``downsample`` (so we never upsample)."""
-        best = 0
-        for i, d in enumerate(self.level_downsamples):
-            if d <= downsample * (1 + 1e-6):
-                best = i
-        return best
+        return best_level(self.level_downsamples, downsample)
 
     def __enter__(self) -> Self:
         return self
