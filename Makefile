@@ -19,11 +19,14 @@ demo: $(STAMP)
 	$(BIN)/fs init $(DEMO)/store
 	$(BIN)/fs slides add $(DEMO)/cohort/slides --store $(DEMO)/store
 	$(BIN)/fs labels import $(DEMO)/cohort/labels.csv --store $(DEMO)/store
-	$(BIN)/fs sql "SELECT l.label, count(*) AS slides, round(avg(l.grade), 2) AS mean_grade, \
-	  round(avg(s.width * s.mpp_x / 1000), 2) AS mean_width_mm FROM slides s JOIN labels l USING (slide_id) \
+	$(BIN)/fs extract $(DEMO)/cohort/slides --store $(DEMO)/store --model efficientnet-lite0 \
+	  --cache-pixels 224@0.5 --cache-pixels 224@2.0
+	$(BIN)/fs sql "SELECT l.label, count(DISTINCT e.slide_id) AS slides, count(*) AS tiles, \
+	  round(avg(l.grade), 2) AS mean_grade FROM emb_efficientnet_lite0 e JOIN labels l USING (slide_id) \
 	  GROUP BY l.label ORDER BY l.label" --store $(DEMO)/store
 	$(BIN)/fs info --store $(DEMO)/store
-	@echo "demo store: $(abspath $(DEMO)/store)   (try: $(BIN)/fs sql 'SELECT * FROM slides' --store $(DEMO)/store)"
+	@echo "demo store: $(abspath $(DEMO)/store)   QC pictures: $(abspath $(DEMO)/store/qc)"
+	@echo "try: $(BIN)/fs sql 'SELECT * FROM slides' --store $(DEMO)/store"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

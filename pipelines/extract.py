@@ -141,8 +141,13 @@ def _prefetch(read: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray
 
 
 def embed_batches(teachers: list, pixel_batches: Iterator[tuple[np.ndarray, np.ndarray]], n: int,
-                  device: str) -> tuple[dict[EncoderSpec, np.ndarray], float, list[np.ndarray]]:
-    """Run every teacher on every batch; returns embeddings per encoder, device seconds and the pixels seen."""
+                  device: str, *, keep_pixels: bool = False) -> tuple[dict[EncoderSpec, np.ndarray], float,
+                                                                    list[np.ndarray]]:
+    """Run every teacher on every batch; returns embeddings per encoder, device seconds and the pixels seen.
+
+    Each teacher autocasts to its own precision on a GPU (bf16 for the large ViTs) and takes uint8
+    tiles, so the host-to-device copy moves a quarter of the bytes of float32.
+    """
     import torch
 
     out = {t.spec: np.empty((n, t.spec.embed_dim), np.float32) for t in teachers}
@@ -151,15 +156,14 @@ def embed_batches(teachers: list, pixel_batches: Iterator[tuple[np.ndarray, np.n
     cuda = device.startswith("cuda")
     with torch.inference_mode():
         for idx, pixels in pixel_batches:
-            kept.append(pixels)
+            if keep_pixels:
+                kept.append(pixels)
             x = torch.from_numpy(pixels)
             if cuda:
                 x = x.pin_memory().to(device, non_blocking=True)
             t0 = time.perf_counter()
             for t in teachers:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                    emb = t(x)
-                out[t.spec][idx] = emb.float().cpu().numpy()
+                out[t.spec][idx] = t(x).cpu().numpy()
             device_s += time.perf_counter() - t0
     return out, device_s, kept
 
@@ -192,10 +196,10 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions)
             size = opts.tiling.tile_size
             batches = _batches(len(grid), opts.batch_size)
             stream = _prefetch(lambda idx: read_tiles(reader, grid, idx, size), batches, opts.read_workers, depth=3)
-            embeddings, device_s, seen = embed_batches(todo, stream, len(grid), device)
-            stage = "pixels"
             cache_base = not already_tiled and any(p.size == size and p.mpp == opts.tiling.target_mpp
                                                    for p in opts.cache_pixels)
+            embeddings, device_s, seen = embed_batches(todo, stream, len(grid), device, keep_pixels=cache_base)
+            stage = "pixels"
             extra = () if already_tiled else tuple(_extra_layers(reader, slide_id, grid, opts))
             if opts.qc and not already_tiled:
                 qc_dir = store.root / "qc"
@@ -265,11 +269,18 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
                 on_outcome: Callable[[SlideOutcome], None] | None = None) -> ExtractReport:
     """Extract every slide under ``paths`` into the store, in-process or on a Dask cluster.
 
+    Unknown teachers and (in-process) missing weights fail before anything is written.
     ``workers`` > 0 starts a local Dask cluster with one process per worker (one per GPU on a GPU
     box); ``scheduler`` connects to an existing cluster. Each slide commits on its own, so any number
     of workers keeps the store consistent.
     """
     t0 = time.perf_counter()
+    from featurestore.encoders import teacher_config
+
+    for name in opts.models:
+        teacher_config(name)
+    if not (workers or scheduler):
+        load_teachers(opts, resolve_device(opts.device))
     store = Store.open_or_create(store_path)
     found = find_slides(paths)
     report = ExtractReport(duplicates=found.duplicates, missing=found.missing)
@@ -319,6 +330,15 @@ def dry_run_counts(paths: list[str | Path], opts: ExtractOptions) -> list[Planne
 
 
 def _dask_task(path: str, slide_id: str, store_path: str, opts: ExtractOptions) -> SlideOutcome:
+    """Run one slide on a Dask worker; with ``--device auto`` local worker ``i`` takes GPU ``i mod n``."""
+    import dataclasses
+
+    import torch
+    from dask.distributed import get_worker
+
+    name = get_worker().name
+    if opts.device == "auto" and torch.cuda.is_available() and isinstance(name, int):
+        opts = dataclasses.replace(opts, device=f"cuda:{name % torch.cuda.device_count()}")
     return extract_slide(Store.open(store_path), Path(path), slide_id, opts)
 
 

@@ -290,3 +290,24 @@ def test_dask_cluster_of_two_workers_equals_single_process(cohort, clean_store, 
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_cli_extract_summary_dry_run_and_exit_code(cohort, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    store = tmp_path / "s"
+    dry = runner.invoke(app, ["extract", str(cohort.root / "slides"), "-s", str(store), "-m", TEACHER, "--dry-run"])
+    assert dry.exit_code == 0 and "3 slides" in dry.output and not store.exists()
+    ok = runner.invoke(app, ["extract", str(cohort.root / "slides"), "-s", str(store), "-m", TEACHER,
+                             "--device", "cpu", "--batch-size", "8"])
+    assert ok.exit_code == 0, ok.output
+    assert "extract summary" in ok.output and "[3/3] done" in ok.output
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.svs").write_bytes(b"\0" * 100)
+    bad = runner.invoke(app, ["extract", str(tmp_path / "bad"), "-s", str(store), "-m", TEACHER])
+    assert bad.exit_code == 1 and "broken.svs" in bad.output
+    unknown = runner.invoke(app, ["extract", str(cohort.root / "slides"), "-s", str(store), "-m", "nope"])
+    assert unknown.exit_code == 2 and "nope" in unknown.output and len(unknown.output.strip().splitlines()) <= 2
