@@ -36,6 +36,11 @@ def info(store: StoreOpt) -> None:
     console.print(f"[bold]{s.path}[/bold]  {s.bytes_on_disk / 2**20:.1f} MiB on disk")
     console.print(f"slides {s.slides}  tiles {s.tiles}  labelled {s.labelled_slides}  failures {s.failures}"
                   + (f"  unfinished transactions {s.staging}" if s.staging else ""))
+    if s.tilings:
+        view = Table("tiling", "tile", "slides", "tiles", "pixels cached", title="tilings")
+        for tiling_id, desc, n_slides, n_tiles, with_pixels in s.tilings:
+            view.add_row(tiling_id, desc, str(n_slides), str(n_tiles), f"{with_pixels} slides")
+        console.print(view)
     if s.embedding_sets:
         view = Table("SQL view", "encoder", "slides", "tiles", title="embedding sets")
         for name, desc, n_slides, n_tiles in s.embedding_sets:

@@ -98,6 +98,8 @@ class StoreInfo:
     labelled_slides: int
     bytes_on_disk: int
     staging: int
+    tilings: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+    """(tiling_id, "224 px @ 0.5 µm/px", slides, tiles, slides with cached pixels) per tiling."""
 
 
 _VIEW_SAFE = re.compile(r"[^a-z0-9_]")
@@ -399,7 +401,12 @@ class Store:
         for view, es in self.view_names().items():
             n_slides, n_tiles = bag_counts.get(es.id, (0, 0))
             sets.append((view, f"{es.encoder_name} ({es.embed_dim}-d {es.dtype})", n_slides, int(n_tiles or 0)))
+        tilings = [(r["tiling_id"], f"{r['tile_size']} px @ {r['target_mpp']:g} µm/px", r["slides"],
+                    int(r["tiles"] or 0), r["with_pixels"]) for r in self._query(
+            "SELECT t.tiling_id, t.tile_size, t.target_mpp, count(st.slide_id) AS slides, sum(st.n_tiles) AS tiles, "
+            "count(*) FILTER (WHERE st.pixels) AS with_pixels FROM tilings t LEFT JOIN slide_tilings st "
+            "USING (tiling_id) GROUP BY ALL ORDER BY t.target_mpp, t.tile_size").to_pylist()]
         size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
         return StoreInfo(self.root, counts["slides"], counts["tiles"], sorted({e.name for e in self.encoders()}),
                          sets, counts["failures"], counts["labelled"], size,
-                         sum(1 for _ in (self.root / STAGING).iterdir()))
+                         sum(1 for _ in (self.root / STAGING).iterdir()), tilings)
