@@ -168,19 +168,23 @@ def embed_batches(teachers: list, pixel_batches: Iterator[tuple[np.ndarray, np.n
     return out, device_s, kept
 
 
-def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions) -> SlideOutcome:
-    """Extract one slide and commit it; failures are recorded in the store and returned, never raised."""
+def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
+                  done: frozenset[str] | None = None) -> SlideOutcome:
+    """Extract one slide and commit it; failures are recorded in the store and returned, never raised.
+
+    ``done`` is the resume state from ``Store.progress``: None when the slide has no tiles for this
+    tiling yet, else the encoder ids already stored for it.
+    """
     t0 = time.perf_counter()
     stage = "open"
     try:
         device = resolve_device(opts.device)
         teachers = load_teachers(opts, device)
-        done = {t.spec.id for t in teachers if slide_id in store.completed(opts.tiling.id, t.spec.id)}
-        todo = [t for t in teachers if t.spec.id not in done]
+        todo = [t for t in teachers if t.spec.id not in (done or ())]
         if not todo:
             return SlideOutcome(str(path), slide_id, "skipped")
         slide = describe_slide(path, slide_id, reader=opts.reader, assume_mpp=opts.assume_mpp)
-        already_tiled = slide_id in store.completed(opts.tiling.id)
+        already_tiled = done is not None
         with open_slide(path, opts.reader) as reader:
             stage = "tissue"
             mpp = slide.mpp_x
@@ -287,13 +291,14 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
     run = Run(run_id=f"run-{time.time_ns()}-{os.getpid()}", command=command, versions=_versions(),
               host=socket.gethostname(), started_at=utcnow())
     store.register(run)
-    jobs = list(found.slides.items())
+    progress = store.progress(opts.tiling.id)
+    jobs = [(sid, path, progress.get(sid)) for sid, path in found.slides.items()]
     if on_start:
         on_start(len(jobs))
     if workers or scheduler:
         outcomes = _run_dask(jobs, store_path, opts, workers, scheduler)
     else:
-        outcomes = (extract_slide(store, path, sid, opts) for sid, path in jobs)
+        outcomes = (extract_slide(store, path, sid, opts, done) for sid, path, done in jobs)
     for outcome in outcomes:
         report.outcomes.append(outcome)
         if on_outcome:
@@ -329,7 +334,8 @@ def dry_run_counts(paths: list[str | Path], opts: ExtractOptions) -> list[Planne
     return plan
 
 
-def _dask_task(path: str, slide_id: str, store_path: str, opts: ExtractOptions) -> SlideOutcome:
+def _dask_task(path: str, slide_id: str, store_path: str, opts: ExtractOptions,
+               done: frozenset[str] | None) -> SlideOutcome:
     """Run one slide on a Dask worker; with ``--device auto`` local worker ``i`` takes GPU ``i mod n``."""
     import dataclasses
 
@@ -339,10 +345,10 @@ def _dask_task(path: str, slide_id: str, store_path: str, opts: ExtractOptions) 
     name = get_worker().name
     if opts.device == "auto" and torch.cuda.is_available() and isinstance(name, int):
         opts = dataclasses.replace(opts, device=f"cuda:{name % torch.cuda.device_count()}")
-    return extract_slide(Store.open(store_path), Path(path), slide_id, opts)
+    return extract_slide(Store.open(store_path), Path(path), slide_id, opts, done)
 
 
-def _run_dask(jobs: list[tuple[str, Path]], store_path: Path, opts: ExtractOptions, workers: int,
+def _run_dask(jobs: list[tuple[str, Path, frozenset[str] | None]], store_path: Path, opts: ExtractOptions, workers: int,
               scheduler: str | None) -> Iterator[SlideOutcome]:
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -350,8 +356,8 @@ def _run_dask(jobs: list[tuple[str, Path]], store_path: Path, opts: ExtractOptio
                                                   dashboard_address=None)
     client = Client(scheduler or cluster)
     try:
-        futures = [client.submit(_dask_task, str(path), sid, str(Path(store_path).resolve()), opts,
-                                 key=f"extract-{sid}", pure=False) for sid, path in jobs]
+        futures = [client.submit(_dask_task, str(path), sid, str(Path(store_path).resolve()), opts, done,
+                                 key=f"extract-{sid}", pure=False) for sid, path, done in jobs]
         for fut in as_completed(futures):
             yield fut.result()
     finally:

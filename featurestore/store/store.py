@@ -208,15 +208,18 @@ class Store:
         why = "is ambiguous" if matches else "matches no embedding set"
         raise UnknownEmbeddingSetError(f"{self.root}: model {model!r} {why}; choose one of: {choices}")
 
-    def completed(self, tiling_id: str, encoder_id: str | None = None) -> set[str]:
-        """Slide ids already committed for a tiling (and, if given, an encoder's embedding set)."""
-        if encoder_id is None:
-            q, p = "SELECT slide_id FROM slide_tilings WHERE tiling_id = ?", [tiling_id]
-        else:
-            q = ("SELECT b.slide_id FROM bags b JOIN embedding_sets e USING (set_id) "
-                 "WHERE e.tiling_id = ? AND e.encoder_id = ?")
-            p = [tiling_id, encoder_id]
-        return set(self._query(q, p).column("slide_id").to_pylist())
+    def progress(self, tiling_id: str) -> dict[str, frozenset[str]]:
+        """Resume state in one query: every slide tiled with ``tiling_id`` → encoder ids with its bag.
+
+        Extraction takes this snapshot once per run (not once per slide), because each query reads
+        every commit's small tables and a cohort has thousands of commits.
+        """
+        rows = self._query(
+            "SELECT st.slide_id, list(e.encoder_id) FILTER (WHERE e.encoder_id IS NOT NULL) AS encoders "
+            "FROM slide_tilings st LEFT JOIN bags b ON b.slide_id = st.slide_id "
+            "LEFT JOIN embedding_sets e ON e.set_id = b.set_id AND e.tiling_id = st.tiling_id "
+            "WHERE st.tiling_id = ? GROUP BY st.slide_id", [tiling_id]).to_pylist()
+        return {r["slide_id"]: frozenset(r["encoders"] or ()) for r in rows}
 
     # --- writing -----------------------------------------------------------------------------
 
