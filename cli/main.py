@@ -57,7 +57,8 @@ def sql(query: Annotated[str, typer.Argument(help="One read-only SELECT over the
     """Query the store with DuckDB (read-only).
 
     Views: slides, tiles, labels, encoders, embedding_sets, tilings, slide_tilings, bags, runs, failures,
-    and emb_<model> per embedding set with the tile vector as FLOAT[dim] in column `embedding`.
+    emb_<model> per embedding set with the tile vector as FLOAT[dim] in column `embedding`, and
+    slide_emb_<model> with each slide's mean embedding.
     """
     print_table(Store.open(store, read_only=True).sql(query), fmt, output)
 

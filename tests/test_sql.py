@@ -64,6 +64,16 @@ def test_vector_sql_joins_labels_and_self_joins(filled):
     assert mean_vec == pytest.approx(written[2]["uni"][:, 1].mean(), rel=1e-5)
 
 
+def test_per_slide_mean_embedding_view(filled):
+    store, written = filled
+    rows = store.sql("SELECT slide_id, n_tiles, embedding FROM slide_emb_uni ORDER BY slide_id").to_pylist()
+    assert [r["n_tiles"] for r in rows] == [10, 11, 12]
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(row["embedding"], written[i]["uni"].mean(0), rtol=1e-5, atol=1e-6)
+    both = store.sql("SELECT count(*) AS n FROM slide_emb_uni s JOIN emb_uni e USING (slide_id)")
+    assert both.column("n")[0].as_py() == 33
+
+
 def test_same_encoder_on_two_tilings_gets_distinct_views(tmp_path, tiling):
     store = Store.create(tmp_path / "s")
     enc = make_encoder("uni", 4)

@@ -6,6 +6,8 @@ of the latest commit, so a re-written slide replaces the earlier one. The
 points at. Embedding views (``emb_<model>``) are Arrow streams read from the
 Zarr arrays slide by slide, registered only for queries that mention them, so a
 query never holds more than one slide's vectors in memory on our side.
+``slide_emb_<model>`` averages them per slide (DuckDB has no array-valued
+``avg``, so the view spells out one ``avg`` per dimension).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _raw_view(con: duckdb.DuckDBPyConnection, root: Path, name: str) -> str:
     return raw
 
 
-def connect(root: Path, embedding_views: dict[str, Callable[[], pa.RecordBatchReader]],
+def connect(root: Path, embedding_views: dict[str, tuple[Callable[[], pa.RecordBatchReader], int]],
             query: str = "") -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the store's views; embedding views named in ``query`` are live."""
     con = duckdb.connect(":memory:")
@@ -82,12 +84,17 @@ def connect(root: Path, embedding_views: dict[str, Callable[[], pa.RecordBatchRe
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM {raw}")
     con.execute("CREATE VIEW tiles AS SELECT t.* FROM _raw_tiles t JOIN slide_tilings st "
                 "ON t.slide_id = st.slide_id AND t.tiling_id = st.tiling_id AND t.commit_id = st.commit_id")
-    for view, make_reader in embedding_views.items():
+    for view, (make_reader, dim) in embedding_views.items():
         uses = len(re.findall(rf"\b{re.escape(view)}\b", query, flags=re.IGNORECASE))
-        if uses == 1:
+        slide_uses = len(re.findall(rf"\bslide_{re.escape(view)}\b", query, flags=re.IGNORECASE))
+        if uses + slide_uses == 1:
             con.register(view, make_reader())
-        elif uses > 1:
+        elif uses + slide_uses > 1:
             con.register(view, make_reader().read_all())
+        if slide_uses:
+            means = ", ".join(f"avg(embedding[{i}])" for i in range(1, dim + 1))
+            con.execute(f"CREATE VIEW slide_{view} AS SELECT slide_id, count(*) AS n_tiles, "
+                        f"[{means}]::FLOAT[{dim}] AS embedding FROM {view} GROUP BY slide_id")
     return con
 
 

@@ -373,7 +373,7 @@ class Store:
     def _embedding_view_factories(self):
         factories = {}
         for view, es in self.view_names().items():
-            factories[view] = lambda es=es: self._embedding_reader(es)
+            factories[view] = (lambda es=es: self._embedding_reader(es), es.embed_dim)
         return factories
 
     def _embedding_reader(self, es: EmbeddingSet) -> pa.RecordBatchReader:
