@@ -82,7 +82,7 @@ def test_tiles_pixels_and_several_encoders_in_one_commit(tmp_path, tiling):
     assert {es.encoder_name for es in store.embedding_sets()} == {"a", "b"}
     assert store.read_pixels(tiling.id, sid).shape == (40, 8, 8, 3)
     assert store.read_pixels(tiling.id, sid, np.array([3, 1])).shape == (2, 8, 8, 3)
-    assert len(list((tmp_path / "s" / "commits").iterdir())) == 1
+    assert len(list((tmp_path / "s" / "commits").iterdir())) == 2, "genesis + one commit for the slide"
 
 
 def test_read_by_tile_ids_keeps_order_across_slides(tmp_path, tiling):

@@ -7,6 +7,9 @@
           emb/<set_id>/        Zarr v3 array: one slide's embeddings (n, dim) or (n, views, dim)
           pix/<tiling_id>/     Zarr v3 array: one slide's tile pixels (n, size, size, 3) uint8
       staging/<commit_id>/     transactions being written; invisible to readers
+
+The genesis commit (``commits/<GENESIS>/``), written by ``create``, holds one empty typed Parquet
+file per table, so every table's glob matches from the start and empty tables keep their schema.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ MARKER = "featurestore.json"
 FORMAT_NAME = "featurestore"
 COMMITS = "commits"
 STAGING = "staging"
+GENESIS = "0" * 20 + "-genesis"
 
 
 def new_commit_id() -> str:

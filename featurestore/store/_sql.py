@@ -20,7 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from featurestore.store._layout import COMMITS
-from schemas import TABLES, ReadOnlyError, stored_schema
+from schemas import TABLES, ReadOnlyError
 
 KEYS: dict[str, tuple[str, ...]] = {
     "slides": ("slide_id",),
@@ -35,7 +35,6 @@ KEYS: dict[str, tuple[str, ...]] = {
 """Rows with equal keys are versions of one thing; the latest commit wins. Failures keep history."""
 
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-LABELS_SCHEMA = pa.schema([pa.field("slide_id", pa.string()), pa.field("commit_id", pa.string())])
 
 
 def _quote(path: Path) -> str:
@@ -56,24 +55,17 @@ def check_read_only(query: str) -> None:
                             "only SELECT (with WITH, DESCRIBE, SUMMARIZE...) and EXPLAIN run")
 
 
-def _raw_view(con: duckdb.DuckDBPyConnection, root: Path, name: str) -> str:
-    """Register the union of a table's Parquet files (or an empty typed table) and return its name."""
-    raw = f"_raw_{name}"
-    if any((root / COMMITS).glob(f"*/{name}.parquet")):
-        pattern = root / COMMITS / "*" / f"{name}.parquet"
-        con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet({_quote(pattern)}, union_by_name=true)")
-    else:
-        empty = (LABELS_SCHEMA if name == "labels" else stored_schema(TABLES[name])).empty_table()
-        con.register(raw, empty)
-    return raw
+def connect(root: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the store's table views.
 
-
-def connect(root: Path, embedding_views: dict[str, tuple[Callable[[], pa.RecordBatchReader], int]],
-            query: str = "") -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the store's views; embedding views named in ``query`` are live."""
+    Globs are expanded when a query binds, so one connection sees commits published after it was
+    opened. The genesis commit (an empty, typed file per table) keeps every glob non-empty.
+    """
     con = duckdb.connect(":memory:")
     for name in [*TABLES, "labels"]:
-        raw = _raw_view(con, root, name)
+        pattern = _quote(root / COMMITS / "*" / f"{name}.parquet")
+        raw = f"_raw_{name}"
+        con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet({pattern}, union_by_name=true)")
         if name == "tiles":
             continue
         if name in KEYS:
@@ -84,18 +76,23 @@ def connect(root: Path, embedding_views: dict[str, tuple[Callable[[], pa.RecordB
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM {raw}")
     con.execute("CREATE VIEW tiles AS SELECT t.* FROM _raw_tiles t JOIN slide_tilings st "
                 "ON t.slide_id = st.slide_id AND t.tiling_id = st.tiling_id AND t.commit_id = st.commit_id")
+    return con
+
+
+def register_embedding_views(cur: duckdb.DuckDBPyConnection, query: str,
+                             embedding_views: dict[str, tuple[Callable[[], pa.RecordBatchReader], int]]) -> None:
+    """Make the ``emb_<model>`` and ``slide_emb_<model>`` views that ``query`` names live on ``cur``."""
     for view, (make_reader, dim) in embedding_views.items():
         uses = len(re.findall(rf"\b{re.escape(view)}\b", query, flags=re.IGNORECASE))
         slide_uses = len(re.findall(rf"\bslide_{re.escape(view)}\b", query, flags=re.IGNORECASE))
         if uses + slide_uses == 1:
-            con.register(view, make_reader())
+            cur.register(view, make_reader())
         elif uses + slide_uses > 1:
-            con.register(view, make_reader().read_all())
+            cur.register(view, make_reader().read_all())
         if slide_uses:
             means = ", ".join(f"avg(embedding[{i}])" for i in range(1, dim + 1))
-            con.execute(f"CREATE VIEW slide_{view} AS SELECT slide_id, count(*) AS n_tiles, "
+            cur.execute(f"CREATE TEMP VIEW slide_{view} AS SELECT slide_id, count(*) AS n_tiles, "
                         f"[{means}]::FLOAT[{dim}] AS embedding FROM {view} GROUP BY slide_id")
-    return con
 
 
 def stream(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatchReader:

@@ -7,22 +7,27 @@ only the arrays they need, so reading one slide's bag never touches the others.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zarr
 
 from featurestore.store import _arrays, _sql
 from featurestore.store._commit import Transaction
 from featurestore.store._labels import LabelKey, read_labels
-from featurestore.store._layout import COMMITS, STAGING, check_marker, write_marker
+from featurestore.store._layout import COMMITS, GENESIS, STAGING, check_marker, write_marker
 from schemas import (
+    TABLES,
     Bag,
     EmbeddingSet,
     EncoderSpec,
@@ -112,6 +117,7 @@ class Store:
         self.root = Path(root)
         self.read_only = read_only
         self._known_ids: set[str] | None = None
+        self._location_cache: tuple[int, dict, dict] | None = None
 
     @classmethod
     def create(cls, path: str | Path) -> Store:
@@ -122,6 +128,13 @@ class Store:
             raise StoreExistsError(f"{root}: directory is not empty; choose a new or empty directory")
         (root / COMMITS).mkdir(parents=True, exist_ok=True)
         (root / STAGING).mkdir(exist_ok=True)
+        genesis = root / STAGING / GENESIS
+        genesis.mkdir()
+        for name, cls_ in TABLES.items():
+            pq.write_table(stored_schema(cls_).empty_table(), genesis / f"{name}.parquet")
+        pq.write_table(pa.schema([("slide_id", pa.string()), ("commit_id", pa.string())]).empty_table(),
+                       genesis / "labels.parquet")
+        os.rename(genesis, root / COMMITS / GENESIS)
         write_marker(root)
         return cls(root, read_only=False)
 
@@ -149,18 +162,39 @@ class Store:
     def sql(self, query: str) -> pa.Table:
         """Run one read-only SQL statement over the store's views; the result is an Arrow table."""
         _sql.check_read_only(query)
-        con = _sql.connect(self.root, self._embedding_view_factories(), query)
+        cur = self._con.cursor()
         try:
-            return con.sql(query).to_arrow_table()
+            _sql.register_embedding_views(cur, query, self._embedding_view_factories())
+            return cur.sql(query).to_arrow_table()
         finally:
-            con.close()
+            cur.close()
+
+    @cached_property
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        return _sql.connect(self.root)
 
     def _query(self, query: str, params: list | None = None) -> pa.Table:
-        con = _sql.connect(self.root, {}, "")
+        cur = self._con.cursor()
         try:
-            return con.sql(query, params=params or None).to_arrow_table()
+            return cur.sql(query, params=params or None).to_arrow_table()
         finally:
-            con.close()
+            cur.close()
+
+    def _locations(self) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], tuple[str, bool]]]:
+        """Where each bag and each slide's tiles live, cached until a commit is added.
+
+        Commits are only ever added, so the number of entries in ``commits/`` is a complete
+        version number; listing it costs microseconds, a DuckDB query milliseconds.
+        """
+        version = len(os.listdir(self.root / COMMITS))
+        if self._location_cache is None or self._location_cache[0] != version:
+            bags = {(r["set_id"], r["slide_id"]): r["commit_id"]
+                    for r in self._query("SELECT set_id, slide_id, commit_id FROM bags").to_pylist()}
+            tiled = {(r["slide_id"], r["tiling_id"]): (r["commit_id"], r["pixels"])
+                     for r in self._query("SELECT slide_id, tiling_id, commit_id, pixels FROM slide_tilings"
+                                          ).to_pylist()}
+            self._location_cache = (version, bags, tiled)
+        return self._location_cache[1], self._location_cache[2]
 
     # --- catalogue ---------------------------------------------------------------------------
 
@@ -303,8 +337,7 @@ class Store:
 
     def read_tiles(self, slide_id: str, tiling_id: str) -> pa.Table:
         """One slide's tiles in tile_index order, read from the one Parquet file that holds them."""
-        commit = self._one("SELECT commit_id FROM slide_tilings WHERE slide_id = ? AND tiling_id = ?",
-                           [slide_id, tiling_id], f"slide {slide_id} has no tiles for tiling {tiling_id}")
+        commit, _ = self._tiled(slide_id, tiling_id)
         table = pq.read_table(self.root / COMMITS / commit / "tiles.parquet",
                               filters=[("slide_id", "=", slide_id), ("tiling_id", "=", tiling_id)])
         return table.sort_by("tile_index")
@@ -313,30 +346,39 @@ class Store:
         """One slide's embeddings (n, dim) (or (n, views, dim)); opens only that slide's array."""
         return self.bag_array(es, slide_id)[...]
 
-    def bag_array(self, es: EmbeddingSet, slide_id: str):
+    def bag_array(self, es: EmbeddingSet, slide_id: str) -> zarr.Array:
         """The lazily-read Zarr array behind a bag, for partial reads."""
-        commit = self._one("SELECT commit_id FROM bags WHERE set_id = ? AND slide_id = ?", [es.id, slide_id],
-                           f"slide {slide_id} has no embeddings in set {es.id} ({es.encoder_name})")
+        commit = self._locations()[0].get((es.id, slide_id))
+        if commit is None:
+            raise KeyError(f"{self.root}: slide {slide_id} has no embeddings in set {es.id} ({es.encoder_name})")
         return _arrays.open_array(self.root / COMMITS / commit / "emb" / es.id)
 
     def read_pixels(self, tiling_id: str, slide_id: str, indices: np.ndarray | None = None) -> np.ndarray:
-        commit = self._one("SELECT commit_id FROM slide_tilings WHERE slide_id = ? AND tiling_id = ? AND pixels",
-                           [slide_id, tiling_id], f"slide {slide_id} has no cached pixels for tiling {tiling_id}")
+        commit, pixels = self._tiled(slide_id, tiling_id)
+        if not pixels:
+            raise KeyError(f"{self.root}: slide {slide_id} has no cached pixels for tiling {tiling_id}; "
+                           "extract with --cache-pixels")
         arr = _arrays.open_array(self.root / COMMITS / commit / "pix" / tiling_id)
         return arr[...] if indices is None else arr.get_orthogonal_selection((np.asarray(indices),))
+
+    def _tiled(self, slide_id: str, tiling_id: str) -> tuple[str, bool]:
+        found = self._locations()[1].get((slide_id, tiling_id))
+        if found is None:
+            raise KeyError(f"{self.root}: slide {slide_id} has no tiles for tiling {tiling_id}")
+        return found
 
     def read_by_tile_ids(self, es: EmbeddingSet, tile_ids: list[int] | np.ndarray) -> np.ndarray:
         """Embeddings for arbitrary tile ids, in the order given; reads only the slides involved."""
         wanted = pa.table({"tile_id": pa.array(np.asarray(tile_ids, np.int64)),
                            "pos": pa.array(np.arange(len(tile_ids)))})
-        con = _sql.connect(self.root, {}, "")
+        cur = self._con.cursor()
         try:
-            con.register("wanted", wanted)
-            hits = con.sql("SELECT w.pos, t.slide_id, t.tile_index FROM wanted w JOIN tiles t USING (tile_id) "
+            cur.register("wanted", wanted)
+            hits = cur.sql("SELECT w.pos, t.slide_id, t.tile_index FROM wanted w JOIN tiles t USING (tile_id) "
                            "WHERE t.tiling_id = ? ORDER BY t.slide_id, t.tile_index", params=[es.tiling_id]
                            ).to_arrow_table()
         finally:
-            con.close()
+            cur.close()
         if hits.num_rows != len(tile_ids):
             found = set(hits.column("pos").to_pylist())
             missing = [int(tile_ids[i]) for i in range(len(tile_ids)) if i not in found][:5]
@@ -352,23 +394,13 @@ class Store:
 
     def iter_bags(self, es: EmbeddingSet) -> Iterator[tuple[str, pa.Table, np.ndarray]]:
         """Stream (slide_id, tiles, embeddings) for a whole embedding set, one slide in memory at a time."""
-        rows = self._query("SELECT b.slide_id, b.commit_id AS bag_commit, st.commit_id AS tile_commit "
-                           "FROM bags b JOIN slide_tilings st ON b.slide_id = st.slide_id AND st.tiling_id = ? "
-                           "WHERE b.set_id = ? ORDER BY b.slide_id", [es.tiling_id, es.id]).to_pylist()
-        for r in rows:
-            tiles = pq.read_table(self.root / COMMITS / r["tile_commit"] / "tiles.parquet",
-                                  filters=[("slide_id", "=", r["slide_id"]), ("tiling_id", "=", es.tiling_id)])
-            emb = _arrays.open_array(self.root / COMMITS / r["bag_commit"] / "emb" / es.id)[...]
-            yield r["slide_id"], tiles.sort_by("tile_index"), emb
+        bags, _ = self._locations()
+        for slide_id in sorted(sid for set_id, sid in bags if set_id == es.id):
+            emb = _arrays.open_array(self.root / COMMITS / bags[(es.id, slide_id)] / "emb" / es.id)[...]
+            yield slide_id, self.read_tiles(slide_id, es.tiling_id), emb
 
     def _row_shape(self, es: EmbeddingSet) -> tuple[int, ...]:
         return (es.embed_dim,) if es.views == 1 else (es.views, es.embed_dim)
-
-    def _one(self, query: str, params: list, missing: str) -> str:
-        values = self._query(query, params).column(0).to_pylist()
-        if not values:
-            raise KeyError(f"{self.root}: {missing}")
-        return values[0]
 
     def _embedding_view_factories(self):
         factories = {}
