@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import row
+from benchmarks._common import best_of, row
 from pipelines.demo import make_cohort
 from pipelines.extract import ExtractOptions, load_teachers, resolve_device, run_extract
 from schemas import TilingSpec
@@ -33,19 +32,22 @@ def run(quick: bool) -> list[dict]:
     [teacher] = load_teachers(opts, device)
     with tempfile.TemporaryDirectory() as tmp:
         cohort = make_cohort(Path(tmp) / "cohort", 2 if quick else 4, size=4096, seed=3)
-        report = run_extract([cohort.root / "slides"], Path(tmp) / "store", opts)
-        end_to_end = report.tiles / report.wall_seconds
+        runs = [run_extract([cohort.root / "slides"], Path(tmp) / f"store{i}", opts) for i in range(2)]
+    tiles_done = runs[0].tiles
+    end_to_end = max(r.tiles / r.wall_seconds for r in runs)
     tiles = torch.randint(0, 256, (BATCH, 224, 224, 3), dtype=torch.uint8)
-    n_batches = max(2, report.tiles // BATCH)
-    with torch.inference_mode():
-        teacher(tiles)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    n_batches = max(2, tiles_done // BATCH)
+
+    def forward_all() -> None:
         for _ in range(n_batches):
             teacher(tiles.to(device)).cpu()
-        model_only = n_batches * BATCH / (time.perf_counter() - t0)
-    case = f"{TEACHER}, batch {BATCH}, {device}, {report.tiles} tiles"
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        teacher(tiles.to(device))
+        model_only = n_batches * BATCH / best_of(forward_all, repeats=2)
+    case = f"{TEACHER}, batch {BATCH}, {device}, {tiles_done} tiles, best of 2"
     return [
         row("extraction", f"{case}: model only (preloaded uint8)", model_only, "tiles/s"),
         row("extraction", f"{case}: fs extract end to end", end_to_end, "tiles/s", ratio=end_to_end / model_only,
