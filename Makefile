@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/fs demo-cohort $(DEMO)/cohort --n-slides 8 --size 4096
+	$(BIN)/fs demo-cohort $(DEMO)/cohort --n-slides 24 --size 2048
 	$(BIN)/fs init $(DEMO)/store
 	$(BIN)/fs slides add $(DEMO)/cohort/slides --store $(DEMO)/store
 	$(BIN)/fs labels import $(DEMO)/cohort/labels.csv --store $(DEMO)/store
@@ -24,8 +24,12 @@ demo: $(STAMP)
 	$(BIN)/fs sql "SELECT l.label, count(DISTINCT e.slide_id) AS slides, count(*) AS tiles, \
 	  round(avg(l.grade), 2) AS mean_grade FROM emb_efficientnet_lite0 e JOIN labels l USING (slide_id) \
 	  GROUP BY l.label ORDER BY l.label" --store $(DEMO)/store
+	$(BIN)/fs train --store $(DEMO)/store --model efficientnet-lite0 --label label --task classification \
+	  --head abmil --folds 3 --epochs 30 --hidden 128 --attention-dim 64 --out $(DEMO)/runs/abmil
+	$(BIN)/fs predict $(DEMO)/runs/abmil --store $(DEMO)/store
 	$(BIN)/fs info --store $(DEMO)/store
 	@echo "demo store: $(abspath $(DEMO)/store)   QC pictures: $(abspath $(DEMO)/store/qc)"
+	@echo "MIL run (metrics.json, ROC, attention maps): $(abspath $(DEMO)/runs/abmil)"
 	@echo "try: $(BIN)/fs sql 'SELECT * FROM slides' --store $(DEMO)/store"
 
 test: $(STAMP)

@@ -191,3 +191,13 @@ def extract(
     print_summary(report, store, console)
     if report.failed:
         raise typer.Exit(1)
+
+
+def _register_subcommands() -> None:
+    """Commands of the other packages, each module adding its own (kept out of this file's imports)."""
+    from cli import train
+
+    train.register(app)
+
+
+_register_subcommands()

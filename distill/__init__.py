@@ -1,0 +1,10 @@
+"""Stage two: learning from the store only (no slide file, no teacher).
+
+- ``distill.train``: ``train(TrainConfig(...))``, cross-validated MIL heads (``fs train``).
+- ``distill.report``: metrics.json, curves and heatmaps; ``evaluate_run`` (``fs eval``).
+- ``distill.predict``: ``predict`` commits head outputs to a store (``fs predict``); ``read_predictions``.
+- ``distill.mil`` heads, ``distill.tasks`` tasks and losses, ``distill.metrics``, ``distill.splits``,
+  ``distill.data`` bag reading.
+
+Submodules are imported on use, so ``distill.metrics`` stays NumPy-only.
+"""

@@ -26,10 +26,21 @@ from schemas.records import (
     TilingSpec,
     tile_id,
 )
-from schemas.tables import TABLES, arrow_schema, from_row, stored_schema, to_row, to_table
+from schemas.tables import (
+    FREE_TABLES,
+    LABELS_SCHEMA,
+    PREDICTIONS_SCHEMA,
+    TABLES,
+    arrow_schema,
+    from_row,
+    stored_schema,
+    to_row,
+    to_table,
+)
 
 __all__ = [
-    "FORMAT_VERSION", "TABLES", "Bag", "EmbeddingSet", "EncoderSpec", "Failure", "FsError",
+    "FORMAT_VERSION", "FREE_TABLES", "LABELS_SCHEMA", "PREDICTIONS_SCHEMA", "TABLES", "Bag", "EmbeddingSet",
+    "EncoderSpec", "Failure", "FsError",
     "InvalidRecordError", "LabelsError", "MissingMppError", "ModelError", "NotAStoreError",
     "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "StoreExistsError",
     "StoreVersionError", "Tile", "TilingSpec", "UnknownEmbeddingSetError", "arrow_schema",

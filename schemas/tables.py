@@ -54,6 +54,25 @@ TABLES: dict[str, type[Record]] = {
 """Every record table of the store, by name. Labels are free-form and not listed."""
 
 
+LABELS_SCHEMA = pa.schema([pa.field("slide_id", pa.string(), nullable=False)])
+"""Labels hold ``slide_id`` plus any columns of the imported CSV."""
+
+PREDICTIONS_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string()), pa.field("slide_id", pa.string()), pa.field("seed", pa.int64()),
+    pa.field("fold", pa.int64()), pa.field("set_id", pa.string()), pa.field("model", pa.string()),
+    pa.field("task", pa.string()), pa.field("head", pa.string()), pa.field("held_out", pa.bool_()),
+    pa.field("n_tiles", pa.int64()), pa.field("logits", pa.list_(pa.float32())), pa.field("score", pa.float64()),
+    pa.field("embedding", pa.list_(pa.float32())),
+])
+"""Outputs of a trained slide head (``fs predict``): the soft targets of logit distillation.
+
+``run_id`` is the training run, (``seed``, ``fold``) the model within it, ``held_out`` whether the
+slide was outside that model's training and validation sets."""
+
+FREE_TABLES: dict[str, pa.Schema] = {"labels": LABELS_SCHEMA, "predictions": PREDICTIONS_SCHEMA}
+"""Tables written as Arrow tables rather than records (their schema is open or columnar)."""
+
+
 def _arrow_type(hint: Any) -> tuple[pa.DataType, bool]:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)

@@ -20,7 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from featurestore.store._layout import COMMITS
-from schemas import TABLES, ReadOnlyError
+from schemas import FREE_TABLES, TABLES, ReadOnlyError
 
 KEYS: dict[str, tuple[str, ...]] = {
     "slides": ("slide_id",),
@@ -31,6 +31,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "bags": ("set_id", "slide_id"),
     "runs": ("run_id",),
     "labels": ("slide_id",),
+    "predictions": ("run_id", "slide_id", "seed", "fold"),
 }
 """Rows with equal keys are versions of one thing; the latest commit wins. Failures keep history."""
 
@@ -62,7 +63,7 @@ def connect(root: Path) -> duckdb.DuckDBPyConnection:
     opened. The genesis commit (an empty, typed file per table) keeps every glob non-empty.
     """
     con = duckdb.connect(":memory:")
-    for name in [*TABLES, "labels"]:
+    for name in [*TABLES, *FREE_TABLES]:
         pattern = _quote(root / COMMITS / "*" / f"{name}.parquet")
         raw = f"_raw_{name}"
         con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet({pattern}, union_by_name=true)")

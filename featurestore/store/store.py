@@ -27,6 +27,7 @@ from featurestore.store._commit import Transaction
 from featurestore.store._labels import LabelKey, read_labels
 from featurestore.store._layout import COMMITS, GENESIS, STAGING, check_marker, write_marker
 from schemas import (
+    FREE_TABLES,
     TABLES,
     Bag,
     EmbeddingSet,
@@ -132,8 +133,9 @@ class Store:
         genesis.mkdir()
         for name, cls_ in TABLES.items():
             pq.write_table(stored_schema(cls_).empty_table(), genesis / f"{name}.parquet")
-        pq.write_table(pa.schema([("slide_id", pa.string()), ("commit_id", pa.string())]).empty_table(),
-                       genesis / "labels.parquet")
+        for name, schema in FREE_TABLES.items():
+            pq.write_table(schema.append(pa.field("commit_id", pa.string())).empty_table(),
+                           genesis / f"{name}.parquet")
         os.rename(genesis, root / COMMITS / GENESIS)
         write_marker(root)
         return cls(root, read_only=False)
@@ -159,13 +161,13 @@ class Store:
 
     # --- SQL ---------------------------------------------------------------------------------
 
-    def sql(self, query: str) -> pa.Table:
-        """Run one read-only SQL statement over the store's views; the result is an Arrow table."""
+    def sql(self, query: str, params: list | None = None) -> pa.Table:
+        """Run one read-only SQL statement (``?`` placeholders bound to ``params``) over the store's views."""
         _sql.check_read_only(query)
         cur = self._con.cursor()
         try:
             _sql.register_embedding_views(cur, query, self._embedding_view_factories())
-            return cur.sql(query).to_arrow_table()
+            return cur.sql(query, params=params or None).to_arrow_table()
         finally:
             cur.close()
 

@@ -1,0 +1,294 @@
+"""``fs train`` as a Python API: cross-validated MIL heads on cached bags, written to a run directory.
+
+For every (seed, fold): fit the task on the training slides (class weights, bins, scaling), train
+a fresh head with AdamW, keep the weights of the epoch with the lowest validation loss (early
+stopping with patience), and score the test fold once with them. The test fold is never used for
+any choice. The run directory is assembled under a hidden temporary name and renamed when
+complete, so RUN_DIR either holds a whole run or does not exist (a hard kill can leave a hidden
+``.RUN_DIR.partial-*`` behind; an exception or Ctrl-C removes it).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from distill import report
+from distill.data import BagDataset, BagReader
+from distill.errors import ConfigError, RunDirError
+from distill.mil import HeadConfig, MILHead, build_head
+from distill.runtime import amp_dtype, autocast, batches, infer, make_loader, resolve_device, save_checkpoint
+from distill.splits import Split, column_splits, kfold_splits
+from distill.tasks import Task, TaskSpec, make_task
+from featurestore.store import Store
+from schemas import EmbeddingSet
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``fs train`` accepts; the resolved copy is saved as ``RUN_DIR/config.json``.
+
+    ``group`` is the labels column that keeps a patient's slides together (None: split by slide);
+    ``split`` names a fixed train/val/test column used instead of k-fold. ``max_tiles`` caps the
+    tiles per training bag (a fresh random subset each epoch); validation and test use all tiles.
+    ``val_fraction`` of the training patients form the inner validation split (0: no early
+    stopping, the last epoch is kept). ``cache_gb`` bounds the in-memory cache of decoded bags
+    (per loader worker); 0 reads every bag from the store every time.
+    """
+
+    store: Path
+    model: str
+    task: TaskSpec
+    out: Path
+    head: HeadConfig = field(default_factory=HeadConfig)
+    folds: int = 5
+    seeds: int = 1
+    group: str | None = "patient"
+    split: str | None = None
+    val_fraction: float = 0.2
+    epochs: int = 50
+    patience: int = 10
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    max_tiles: int | None = 4096
+    device: str = "auto"
+    workers: int = 0
+    cache_gb: float = 2.0
+    bootstrap: int = 1000
+    heatmaps: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", Path(self.store))
+        object.__setattr__(self, "out", Path(self.out))
+        checks = [(self.seeds >= 1, "--seeds must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
+                  (self.patience >= 1, "--patience must be >= 1"), (self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+                  (self.max_tiles is None or self.max_tiles >= 1, "--max-tiles must be >= 1"),
+                  (self.lr > 0, "--lr must be > 0"), (self.bootstrap >= 0, "--bootstrap must be >= 0"),
+                  (self.cache_gb >= 0, "--cache-gb must be >= 0"),
+                  (self.workers >= 0 and self.heatmaps >= 0, "--workers and --heatmaps must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return out | {"store": str(self.store.resolve()), "out": str(self.out.resolve()),
+                      "task": asdict(self.task), "head": asdict(self.head)}
+
+
+@dataclass(frozen=True, eq=False)
+class Cohort:
+    """Labelled slides with embeddings, sorted by slide id; ``labels`` rows align with ``slide_ids``."""
+
+    slide_ids: list[str]
+    groups: np.ndarray
+    labels: pa.Table
+    missing_label: int
+    unlabelled: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    run_id: str
+    metrics: dict[str, Any]
+
+
+def load_cohort(store: Store, reader: BagReader, spec: TaskSpec, group: str | None, split: str | None) -> Cohort:
+    """Slides that have embeddings and every label the task needs; a missing group value is an error."""
+    labels = store.sql("SELECT * EXCLUDE (commit_id) FROM labels ORDER BY slide_id")
+    for name in [*spec.columns, *(c for c in (group, split) if c)]:
+        if name not in labels.column_names:
+            fix = "import it with fs labels import" + (", or pass --group none to split by slide"
+                                                       if name == group else "")
+            raise ConfigError(f"{store.root}: labels have no column {name!r} (columns: "
+                              f"{', '.join(labels.column_names[1:]) or 'none'}); {fix}")
+    with_bags = set(reader.slide_ids)
+    labelled = labels.column("slide_id").to_pylist()
+    in_set = np.array([s in with_bags for s in labelled], bool)
+    complete = np.ones(labels.num_rows, bool)
+    for name in spec.columns:
+        complete &= np.array([v is not None for v in labels.column(name).to_pylist()], bool)
+    labels = labels.filter(pa.array(in_set & complete))
+    if labels.num_rows == 0:
+        raise ConfigError(f"{store.root}: no slide has both {reader.es.encoder_name} embeddings and "
+                          f"{' and '.join(spec.columns)} labels; run fs extract / fs labels import first")
+    slide_ids = labels.column("slide_id").to_pylist()
+    if group:
+        values = labels.column(group).to_pylist()
+        empty = [s for s, v in zip(slide_ids, values, strict=True) if v is None or str(v).strip() == ""]
+        if empty:
+            raise ConfigError(f"{store.root}: {len(empty)} slides have no {group!r} value (e.g. {empty[0]}); "
+                              "fill it in the labels CSV, or pass --group none to split by slide")
+        groups = np.array([str(v) for v in values])
+    else:
+        groups = np.array(slide_ids)
+    return Cohort(slide_ids, groups, labels, int((in_set & ~complete).sum()), len(with_bags - set(labelled)))
+
+
+def fit_head(head: MILHead, task: Task, train_ds: BagDataset, val_ds: BagDataset | None, cfg: TrainConfig,
+             device: torch.device, seed: int) -> tuple[int, list[dict[str, float]]]:
+    """Train ``head`` in place and leave it with its best weights; returns (best epoch, history)."""
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
+    loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
+    val_loader = make_loader(val_ds, cfg.batch_size, workers=cfg.workers) if val_ds is not None else None
+    val_y = torch.from_numpy(val_ds.targets) if val_ds is not None else None
+    best_loss, best_epoch, best_state, waited = float("inf"), cfg.epochs - 1, None, 0
+    history = []
+    for epoch in range(cfg.epochs):
+        train_ds.set_epoch(epoch)
+        head.train()
+        losses = []
+        for batch in batches(loader, device):
+            with autocast(device):
+                out = head(batch.x, batch.mask, batch.coords, task.instance_labels(batch.y))
+            loss = task.loss(out.logits.float(), batch.y)
+            if out.aux_loss is not None:
+                w = head.cfg.instance_weight
+                loss = (1 - w) * loss + w * out.aux_loss.float()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.detach().item())
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+        if val_loader is not None and val_y is not None:
+            outputs = torch.from_numpy(infer(head, val_loader, device).outputs)
+            row["val_loss"] = float(task.loss(outputs, val_y))
+            if row["val_loss"] < best_loss:
+                best_loss, best_epoch, waited = row["val_loss"], epoch, 0
+                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            else:
+                waited += 1
+        history.append(row)
+        if waited >= cfg.patience:
+            break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    return best_epoch, history
+
+
+def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
+    """Cross-validate a head as configured and write the run directory ``cfg.out``."""
+    say = on_progress or (lambda _: None)
+    if cfg.out.exists() and any(cfg.out.iterdir()):
+        raise RunDirError(f"{cfg.out}: run directory exists and is not empty; choose a new --out or delete it")
+    store = Store.open(cfg.store, read_only=True)
+    es = store.embedding_set(cfg.model)
+    reader = BagReader(store, es, cache_bytes=int(cfg.cache_gb * 2**30))
+    cohort = load_cohort(store, reader, cfg.task, cfg.group, cfg.split)
+    task = make_task(cfg.task, cohort.labels)
+    targets = task.targets(cohort.labels)
+    strata = task.strata(targets)
+    if cfg.split:
+        splits = column_splits(cohort.labels.column(cfg.split).to_pylist(), cohort.groups, strata, cfg.seeds,
+                               column=cfg.split, val_fraction=cfg.val_fraction)
+    else:
+        splits = kfold_splits(cohort.groups, strata, cfg.folds, cfg.seeds, cfg.val_fraction)
+    device = resolve_device(cfg.device)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    say(f"{len(cohort.slide_ids)} slides, {len(set(cohort.groups))} patients, {len(splits)} splits on {device}"
+        + (f"; skipped {cohort.missing_label} slides without labels" if cohort.missing_label else ""))
+
+    staging = cfg.out.parent / f".{cfg.out.name}.partial-{run_id}"
+    (staging / "checkpoints").mkdir(parents=True)
+    try:
+        config = _resolved_config(cfg, run_id, es, task, cohort, device)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        pq.write_table(_splits_table(splits, cohort), staging / "splits.parquet")
+        predictions, history = [], []
+        for sp in splits:
+            rows, hist = _run_split(sp, cfg, task, targets, cohort, reader, es, device, staging)
+            predictions += rows
+            history += hist
+            metric = task.metrics(*_arrays(rows))[task.primary]
+            say(f"seed {sp.seed} fold {sp.fold}: {len(sp.train)}/{len(sp.val)}/{len(sp.test)} slides, "
+                f"best epoch {hist[-1]['best_epoch']}, test {task.primary} {metric:.3f}")
+        table = pa.Table.from_pylist(predictions, schema=report.PREDICTIONS_SCHEMA)
+        pq.write_table(table, staging / "predictions.parquet")
+        pq.write_table(pa.Table.from_pylist(history), staging / "history.parquet")
+        metrics = report.write_report(staging, task, table, n_boot=cfg.bootstrap)
+        if cfg.heatmaps:
+            report.attention_heatmaps(staging, store, reader, task, table, cfg.heatmaps, device)
+        if cfg.out.exists():
+            cfg.out.rmdir()
+        staging.rename(cfg.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return RunResult(cfg.out, run_id, metrics)
+
+
+def _run_split(sp: Split, cfg: TrainConfig, task: Task, targets: np.ndarray, cohort: Cohort, reader: BagReader,
+               es: EmbeddingSet, device: torch.device, run_dir: Path) -> tuple[list[dict], list[dict]]:
+    seed = 1000 * sp.seed + sp.fold
+    torch.manual_seed(seed)
+    fitted = task.fit(targets[sp.train])
+    head = build_head(cfg.head, es.embed_dim, fitted.readout, fitted.n_classes).to(device)
+    ids = cohort.slide_ids
+
+    def dataset(rows: np.ndarray, cap: int | None) -> BagDataset:
+        return BagDataset(reader, [ids[r] for r in rows], targets[rows], max_tiles=cap, coords=head.needs_coords,
+                          seed=seed)
+
+    val_ds = dataset(sp.val, None) if len(sp.val) else None
+    best_epoch, history = fit_head(head, fitted, dataset(sp.train, cfg.max_tiles), val_ds, cfg, device, seed)
+    save_checkpoint(run_dir / "checkpoints" / f"seed{sp.seed}-fold{sp.fold}.pt", head, fitted,
+                    in_dim=es.embed_dim, seed=sp.seed, fold=sp.fold, best_epoch=best_epoch,
+                    train=[ids[r] for r in sp.train], val=[ids[r] for r in sp.val], test=[ids[r] for r in sp.test])
+    test_ds = dataset(sp.test, None)
+    outputs = infer(head, make_loader(test_ds, cfg.batch_size, workers=cfg.workers), device).outputs
+    scores = fitted.score(outputs)
+    labels = cohort.labels.column(cfg.task.label).to_pylist()
+    rows = [{"slide_id": ids[r], "group": str(cohort.groups[r]), "seed": sp.seed, "fold": sp.fold,
+             "label": str(labels[r]), "y": float(targets[r, 0]), "event": int(targets[r, 1]),
+             "logits": outputs[i].tolist(), "score": float(scores[i])} for i, r in enumerate(sp.test)]
+    for h in history:
+        h.update(seed=sp.seed, fold=sp.fold, best_epoch=best_epoch)
+    return rows, history
+
+
+def _arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return (np.array([r["y"] for r in rows]), np.array([r["event"] for r in rows]),
+            np.array([r["logits"] for r in rows], np.float64), np.array([r["score"] for r in rows]))
+
+
+def _splits_table(splits: list[Split], cohort: Cohort) -> pa.Table:
+    rows = []
+    for sp in splits:
+        for role, idx in (("train", sp.train), ("val", sp.val), ("test", sp.test)):
+            rows += [{"seed": sp.seed, "fold": sp.fold, "slide_id": cohort.slide_ids[i],
+                      "group": str(cohort.groups[i]), "role": role} for i in idx]
+    return pa.Table.from_pylist(rows)
+
+
+def _resolved_config(cfg: TrainConfig, run_id: str, es: EmbeddingSet, task: Task, cohort: Cohort,
+                     device: torch.device) -> dict[str, Any]:
+    return {
+        "run_id": run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **cfg.to_dict(),
+        "resolved": {"device": str(device), "amp": str(amp_dtype(device)).removeprefix("torch."),
+                     "landmarks": cfg.head.landmarks or cfg.head.hidden // 2, "task": task.to_dict(),
+                     "primary_metric": task.primary},
+        "embedding_set": es.to_json_dict() | {"set_id": es.id},
+        "cohort": {"slides": len(cohort.slide_ids), "patients": len(set(cohort.groups.tolist())),
+                   "skipped_missing_label": cohort.missing_label,
+                   "skipped_unlabelled": cohort.unlabelled},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+    }
