@@ -28,8 +28,10 @@ from schemas.records import (
 )
 from schemas.tables import (
     FREE_TABLES,
+    IMPORTS_SCHEMA,
     LABELS_SCHEMA,
     PREDICTIONS_SCHEMA,
+    SLIDE_EMBEDDINGS_SCHEMA,
     TABLES,
     arrow_schema,
     from_row,
@@ -39,7 +41,8 @@ from schemas.tables import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "FREE_TABLES", "LABELS_SCHEMA", "PREDICTIONS_SCHEMA", "TABLES", "Bag", "EmbeddingSet",
+    "FORMAT_VERSION", "FREE_TABLES", "IMPORTS_SCHEMA", "LABELS_SCHEMA", "PREDICTIONS_SCHEMA",
+    "SLIDE_EMBEDDINGS_SCHEMA", "TABLES", "Bag", "EmbeddingSet",
     "EncoderSpec", "Failure", "FsError",
     "InvalidRecordError", "LabelsError", "MissingMppError", "ModelError", "NotAStoreError",
     "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "StoreExistsError",

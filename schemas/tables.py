@@ -69,7 +69,25 @@ PREDICTIONS_SCHEMA = pa.schema([
 ``run_id`` is the training run, (``seed``, ``fold``) the model within it, ``held_out`` whether the
 slide was outside that model's training and validation sets."""
 
-FREE_TABLES: dict[str, pa.Schema] = {"labels": LABELS_SCHEMA, "predictions": PREDICTIONS_SCHEMA}
+SLIDE_EMBEDDINGS_SCHEMA = pa.schema([
+    ("set_id", pa.string()), ("slide_id", pa.string()), ("bag_commit_id", pa.string()), ("n_tiles", pa.int64()),
+    ("embedding", pa.list_(pa.float32())),
+])
+"""One row per indexed bag (written by ``fs index build``): the unit-length mean of the slide's unit tile
+vectors, for slide-level search. A list column: any dim fits."""
+
+IMPORTS_SCHEMA = pa.schema([
+    ("slide_id", pa.string()), ("set_id", pa.string()), ("encoder_id", pa.string()), ("tiling_id", pa.string()),
+    ("layout", pa.string()), ("source_path", pa.string()), ("source_sha256", pa.string()),
+    ("source_bytes", pa.int64()), ("attrs_json", pa.string()), ("coords_dtype", pa.string()),
+    ("source_coords", pa.list_(pa.float64())), ("slide_from", pa.string()), ("bag_commit_id", pa.string()),
+    ("run_id", pa.string()), ("imported_at", pa.timestamp("us", tz="UTC")),
+])
+"""Provenance of ``fs import``: one row per imported feature file; ``source_coords`` (flattened n × 2)
+only when they are not level-0 pixels."""
+
+FREE_TABLES: dict[str, pa.Schema] = {"labels": LABELS_SCHEMA, "predictions": PREDICTIONS_SCHEMA,
+                                     "slide_embeddings": SLIDE_EMBEDDINGS_SCHEMA, "imports": IMPORTS_SCHEMA}
 """Tables written as Arrow tables rather than records (their schema is open or columnar)."""
 
 

@@ -32,6 +32,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "runs": ("run_id",),
     "labels": ("slide_id",),
     "predictions": ("run_id", "slide_id", "seed", "fold"),
+    "slide_embeddings": ("set_id", "slide_id", "bag_commit_id"),
+    "imports": ("set_id", "slide_id"),
 }
 """Rows with equal keys are versions of one thing; the latest commit wins. Failures keep history."""
 

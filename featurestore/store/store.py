@@ -171,6 +171,12 @@ class Store:
         finally:
             cur.close()
 
+    def search(self, model: str, **query) -> pa.Table:
+        """Nearest tiles or slides to a query, with labels joined; see ``featurestore.index.search``."""
+        from featurestore.index import search
+
+        return search(self, model, **query)
+
     @cached_property
     def _con(self) -> duckdb.DuckDBPyConnection:
         return _sql.connect(self.root)

@@ -1,0 +1,231 @@
+"""HDF5 interop: TRIDENT, CLAM and STAMP feature files in, the same files out, bit for bit.
+
+The input files are written here the way each tool writes them (dataset names, dtypes and
+attributes as in their code), since real ones cannot be downloaded in tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurestore.index import build_index, search
+from featurestore.store import Store
+from pipelines.interop import ImportOptions, InteropError, export_features, import_features
+from tests.conftest import commit_random_slide, make_encoder
+
+h5py = pytest.importorskip("h5py")
+
+
+def grid(n: int, step: int) -> np.ndarray:
+    xs, ys = np.divmod(np.arange(n), 7)
+    return np.stack([xs * step, ys * step], axis=1).astype(np.int64)
+
+
+def write_trident(path: Path, features: np.ndarray, coords: np.ndarray) -> None:
+    """As TRIDENT's ``extract_patch_features``: coords attrs from its patching, features attrs name/dir."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=features)
+        f["features"].attrs.update({"name": path.stem, "savetodir": str(path.parent)})
+        f.create_dataset("coords", data=coords)
+        f["coords"].attrs.update({"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
+                                  "target_magnification": 20, "overlap": 0, "name": path.stem,
+                                  "savetodir": "/jobs/20x_256px_0px_overlap"})
+
+
+def write_clam(path: Path, features: np.ndarray, coords: np.ndarray, attrs: bool) -> None:
+    """As CLAM's ``extract_features_fp`` (no attrs), or with its patch file's coords attrs."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=features)
+        f.create_dataset("coords", data=coords)
+        if attrs:
+            f["coords"].attrs.update({"patch_level": 0, "patch_size": 256, "downsample": np.array([1.0, 1.0]),
+                                      "level_dim": np.array([40000, 30000]), "name": path.stem})
+
+
+def write_stamp(path: Path, features: np.ndarray, coords_um: np.ndarray) -> None:
+    """As STAMP 2's ``extract_``: float16 ``feats``, float32 µm ``coords``, attrs on the file."""
+    with h5py.File(path, "w") as f:
+        f["coords"] = coords_um
+        f["feats"] = features
+        f.attrs.update({"stamp_version": "2.2.0", "extractor": "uni2", "unit": "um", "tile_size_um": 256.0,
+                        "tile_size_px": 224, "code_hash": "1a2b3c4d", "feat_type": "tile"})
+
+
+def read_all(path: Path) -> dict:
+    """Every dataset (value and dtype) and attribute (value and dtype) of a file."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        out["attrs"] = {k: (np.asarray(v).tolist(), np.asarray(v).dtype.str) for k, v in f.attrs.items()}
+        for name, ds in f.items():
+            out[name] = (ds[...], ds.dtype.str,
+                         {k: (np.asarray(v).tolist(), np.asarray(v).dtype.str) for k, v in ds.attrs.items()})
+    return out
+
+
+def assert_same_file(a: Path, b: Path) -> None:
+    fa, fb = read_all(a), read_all(b)
+    assert fa.keys() == fb.keys() and fa["attrs"] == fb["attrs"]
+    for name in fa.keys() - {"attrs"}:
+        assert fa[name][1] == fb[name][1], f"{name} dtype"
+        assert fa[name][0].tobytes() == fb[name][0].tobytes(), f"{name} values are not bit-identical"
+        assert fa[name][2] == fb[name][2], f"{name} attrs"
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Two slides in each layout, like each tool's output folder."""
+    rng = np.random.default_rng(0)
+    made = {}
+    for layout in ("trident", "clam", "clam_bare", "stamp"):
+        folder = tmp_path / ("features_uni_v1" if layout == "trident" else layout)
+        folder.mkdir()
+        for i, n in enumerate((30, 45)):
+            path = folder / f"case_{i}.h5"
+            if layout == "trident":
+                write_trident(path, rng.standard_normal((n, 24)).astype(np.float32), grid(n, 512))
+            elif layout.startswith("clam"):
+                features = rng.standard_normal((n, 24)).astype(np.float32)
+                write_clam(path, features, grid(n, 256), layout == "clam")
+            else:
+                coords = (grid(n, 1) * 256.0).astype(np.float32)
+                write_stamp(path, rng.standard_normal((n, 24)).astype(np.float16), coords)
+        made[layout] = folder
+    return made
+
+
+@pytest.mark.parametrize(("layout", "options", "model"), [
+    ("trident", ImportOptions(), "uni_v1"),
+    ("clam", ImportOptions(assume_mpp=0.25, model_name="resnet50_trunc"), "resnet50_trunc"),
+    ("stamp", ImportOptions(), "uni2"),
+])
+def test_import_then_export_is_lossless(tmp_path, files, layout, options, model):
+    store = Store.create(tmp_path / "s")
+    report = import_features(store, [files[layout]], options)
+    assert [Path(p).name for p, *_ in report.imported] == ["case_0.h5", "case_1.h5"]
+    assert store.info().tiles == 75 and store.info().slides == 2
+    es = store.embedding_set(model)
+    assert es.dtype == ("float16" if layout == "stamp" else "float32")
+    out = tmp_path / "out"
+    exported = export_features(store, model, out, layout)
+    assert exported.verbatim == 2
+    for name in ("case_0.h5", "case_1.h5"):
+        assert_same_file(files[layout] / name, out / name)
+    again = import_features(store, [files[layout]], options)
+    assert (len(again.imported), len(again.skipped)) == (0, 2), "unchanged files are skipped"
+
+
+def test_layouts_map_onto_slides_and_tilings(tmp_path, files):
+    store = Store.create(tmp_path / "s")
+    import_features(store, [files["trident"]])
+    import_features(store, [files["stamp"]])
+    tilings = {t.tile_size: t for t in store.tilings()}
+    assert tilings[256].target_mpp == 0.5, "TRIDENT 20x target"
+    assert tilings[224].target_mpp == pytest.approx(256 / 224), "STAMP tile_size_um / tile_size_px"
+    slides = store.sql("SELECT path, mpp_x, mpp_assumed, width FROM slides ORDER BY path, mpp_x").to_pylist()
+    assert sorted({round(s["mpp_x"], 6) for s in slides}) == [0.25, round(256 / 224, 6)]
+    assert all(s["mpp_assumed"] for s in slides)
+    tiles = store.sql("SELECT x, y, read_size FROM tiles t JOIN slides s USING (slide_id) "
+                      "WHERE s.path LIKE '%stamp%' AND tile_index = 8").to_pylist()
+    assert tiles == [{"x": 224, "y": 224, "read_size": 224}] * 2, "µm coordinates on the tiles' pixel frame"
+    rows = store.sql("SELECT count(*) AS n FROM runs WHERE status = 'ok'").column("n")[0].as_py()
+    assert rows == 2
+
+
+def test_clam_without_attributes_needs_the_patch_size(tmp_path, files):
+    store = Store.create(tmp_path / "s")
+    with pytest.raises(InteropError, match=r"case_0\.h5: .*--patch-size"):
+        import_features(store, [files["clam_bare"]], ImportOptions(assume_mpp=0.5, model_name="r50"))
+    with pytest.raises(InteropError, match="--assume-mpp"):
+        import_features(store, [files["clam_bare"]], ImportOptions(patch_size=256, model_name="r50"))
+    assert store.info().slides == 0, "nothing is written when a file is refused"
+    enough = ImportOptions(patch_size=256, assume_mpp=0.5, model_name="r50")
+    import_features(store, [files["clam_bare"]], enough)
+    assert export_features(store, "r50", tmp_path / "clam", "clam").verbatim == 2, "written back as it came"
+    assert export_features(store, "r50", tmp_path / "trident", "trident").verbatim == 0
+    with h5py.File(tmp_path / "trident" / "case_1.h5") as f:
+        attrs = {k: f["coords"].attrs[k] for k in ("patch_size", "patch_size_level0", "target_magnification")}
+    assert attrs == {"patch_size": 256, "patch_size_level0": 256, "target_magnification": 20}
+
+
+def test_a_second_model_over_the_same_patches_shares_the_slides(tmp_path, files):
+    second = tmp_path / "features_conch_v15"
+    second.mkdir()
+    for src in sorted(files["trident"].glob("*.h5")):
+        with h5py.File(src) as f:
+            coords, n = f["coords"][...], f["features"].shape[0]
+        write_trident(second / src.name, np.ones((n, 8), np.float32), coords)
+    store = Store.create(tmp_path / "s")
+    import_features(store, [files["trident"], second])
+    info = store.info()
+    assert (info.slides, info.tiles) == (2, 75)
+    assert sorted(s.encoder_name for s in store.embedding_sets()) == ["conch_v15", "uni_v1"]
+
+
+def test_bad_files_are_refused_with_the_file_named(tmp_path, files):
+    store = Store.create(tmp_path / "s")
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as f:
+        f["embeddings"] = np.zeros((3, 4), np.float32)
+    with pytest.raises(InteropError, match=r"bad\.h5: neither 'features'"):
+        import_features(store, [files["trident"], bad])
+    text = tmp_path / "text.h5"
+    text.write_text("not hdf5")
+    with pytest.raises(InteropError, match=r"text\.h5: cannot read as HDF5"):
+        import_features(store, [text])
+    with pytest.raises(InteropError, match="no such file"):
+        import_features(store, [tmp_path / "missing"])
+    assert store.info().slides == 0
+
+
+def test_export_of_extracted_features_reimports_identically(tmp_path, tiling):
+    """A set made here goes out in each layout and comes back with the same vectors and positions."""
+    store = Store.create(tmp_path / "s")
+    enc = make_encoder("uni", 12)
+    written = {f"slide_{i}": commit_random_slide(store, i, tiling, [enc], 20, dtype="float32")["uni"]
+               for i in range(2)}
+    positions = np.stack(np.divmod(np.arange(20), 50), axis=1) * 448
+    for layout in ("trident", "clam", "stamp"):
+        out = tmp_path / layout
+        report = export_features(store, "uni", out, layout)
+        assert report.verbatim == 0 and len(report.files) == 2
+        with h5py.File(out / "slide_1.h5") as f:
+            assert np.array_equal(f["feats" if layout == "stamp" else "features"][...], written["slide_1"])
+            scale = 0.5 if layout == "stamp" else 1
+            assert np.array_equal(f["coords"][...], positions * scale)
+        back = Store.create(tmp_path / f"back-{layout}")
+        import_features(back, [out], ImportOptions(model_name="uni", assume_mpp=0.5))
+        es = back.embedding_set("uni")
+        for slide in back.slides():
+            name = Path(slide.path).stem
+            assert np.array_equal(back.read_bag(es, slide.slide_id), written[name])
+            tiles = back.read_tiles(slide.slide_id, es.tiling_id)
+            assert np.array_equal(np.stack([tiles.column("x").to_numpy(), tiles.column("y").to_numpy()], 1),
+                                  positions)
+
+
+def test_imported_features_are_searchable(tmp_path, files):
+    store = Store.create(tmp_path / "s")
+    import_features(store, [files["trident"]])
+    build_index(store, "uni_v1")
+    tile = store.sql("SELECT tile_id FROM tiles LIMIT 1").column(0)[0].as_py()
+    assert search(store, "uni_v1", tile_id=tile, k=3).column("tile_id")[0].as_py() == tile
+
+
+def test_slides_folder_gives_real_slide_ids(tmp_path, real_slide):
+    pytest.importorskip("featurestore.slides", reason="slide readers not written yet")
+    from pipelines.discover import fingerprint
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "CMU-1-Small-Region.svs").symlink_to(real_slide)
+    feats = tmp_path / "features_uni_v1"
+    feats.mkdir()
+    write_trident(feats / "CMU-1-Small-Region.h5", np.ones((4, 8), np.float32), grid(4, 512))
+    store = Store.create(tmp_path / "s")
+    report = import_features(store, [feats], ImportOptions(slides_dir=slides))
+    assert report.imported[0][1] == fingerprint(real_slide)
+    slide = store.slides()[0]
+    assert (slide.width, slide.height, slide.mpp_assumed) == (2220, 2967, False)
