@@ -28,6 +28,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from benchmarks._common import row
 from featurestore.index import _faiss
 from featurestore.index._faiss import TRAIN_POINTS_PER_LIST, default_params
 
@@ -128,7 +129,7 @@ def _timed(method: str, build: float, search: Callable[[np.ndarray], np.ndarray]
             "recall@10": _recall(got, truth)}
 
 
-def run(quick: bool) -> list[dict]:
+def measure(quick: bool) -> list[dict]:
     """One row per (size, method): build seconds, queries/s (single and batched), recall@10, ratios."""
     rows = []
     for n, dim in QUICK if quick else FULL:
@@ -145,6 +146,14 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
+def run(quick: bool) -> list[dict]:
+    """``measure`` in the benchmark runner's row format (``python -m benchmarks``)."""
+    return [row("retrieval", f"{r['n']:,} x {r['dim']}: {r['method']}", r["qps"], "q/s", ratio=r["x_numpy"],
+                vs="numpy exact, one query at a time",
+                note=f"recall@10 {r['recall@10']:.3f}; x duckdb {r['x_duckdb']:.1f}; build {r['build_s']:.1f} s")
+            for r in measure(quick)]
+
+
 def print_table(rows: list[dict]) -> None:
     head = (f"{'n':>9} {'dim':>5}  {'method':<64} {'build s':>8} {'q/s':>9} {'batch q/s':>10} "
             f"{'recall@10':>9} {'×numpy':>8} {'×duckdb':>8}")
@@ -159,7 +168,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK} instead of {FULL}")
-    print_table(run(parser.parse_args().quick))
+    print_table(measure(parser.parse_args().quick))
 
 
 if __name__ == "__main__":
