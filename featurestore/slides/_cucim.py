@@ -63,8 +63,6 @@ class CuCIMReader(SlideReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        if not self.path.is_file():
-            raise SlideError(f"{self.path}: no such file; check the slide path")
         try:
             cuimage = import_cuimage()
         except (ImportError, OSError) as err:
@@ -104,26 +102,6 @@ class CuCIMReader(SlideReader):
             if mx is not None and my is not None:
                 return (mx, my)
         return None
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downsamples
-
-    @property
-    def mpp(self) -> tuple[float, float] | None:
-        return self._mpp
-
-    @property
-    def objective_power(self) -> float | None:
-        return self._objective
-
-    @property
-    def vendor(self) -> str:
-        return self._vendor
 
     def _handle(self) -> Any:
         if self._img is None:

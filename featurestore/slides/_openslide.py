@@ -44,8 +44,6 @@ class OpenSlideReader(SlideReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        if not self.path.is_file():
-            raise SlideError(f"{self.path}: no such file; check the slide path")
         try:
             self._slide: openslide.OpenSlide | None = openslide.OpenSlide(self.path)
         except (openslide.OpenSlideError, OSError) as err:
@@ -59,26 +57,6 @@ class OpenSlideReader(SlideReader):
         self._vendor = props.get(openslide.PROPERTY_NAME_VENDOR) or "unknown"
         self._dims = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self._downsamples = tuple(float(d) for d in self._slide.level_downsamples)
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downsamples
-
-    @property
-    def mpp(self) -> tuple[float, float] | None:
-        return self._mpp
-
-    @property
-    def objective_power(self) -> float | None:
-        return self._objective
-
-    @property
-    def vendor(self) -> str:
-        return self._vendor
 
     def _handle(self) -> openslide.OpenSlide:
         if self._slide is None:

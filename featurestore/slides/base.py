@@ -31,37 +31,48 @@ def best_level(level_downsamples: Sequence[float], downsample: float) -> int:
 
 
 class SlideReader(ABC):
-    """A whole-slide image opened by one backend; use as a context manager."""
+    """A whole-slide image opened by one backend; use as a context manager.
+
+    Backends fill ``_dims``, ``_downsamples``, ``_mpp``, ``_objective`` and ``_vendor`` when they open
+    the file, and implement the reads.
+    """
 
     backend: ClassVar[str]
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if not self.path.is_file():
+            raise SlideError(f"{self.path}: no such file; check the slide path")
+        self._dims: tuple[tuple[int, int], ...] = ()
+        self._downsamples: tuple[float, ...] = ()
+        self._mpp: tuple[float, float] | None = None
+        self._objective: float | None = None
+        self._vendor = "unknown"
 
     @property
-    @abstractmethod
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
         """(width, height) of every pyramid level, level 0 first."""
+        return self._dims
 
     @property
-    @abstractmethod
     def level_downsamples(self) -> tuple[float, ...]:
         """Downsample factor of every level relative to level 0."""
+        return self._downsamples
 
     @property
-    @abstractmethod
     def mpp(self) -> tuple[float, float] | None:
         """Level-0 µm/px (x, y) from the file's metadata, or None when the file has none."""
+        return self._mpp
 
     @property
-    @abstractmethod
     def objective_power(self) -> float | None:
         """Scanner objective magnification, when the file records it."""
+        return self._objective
 
     @property
-    @abstractmethod
     def vendor(self) -> str:
         """Format/vendor name as OpenSlide reports it (``aperio``, ``generic-tiff``...)."""
+        return self._vendor
 
     @abstractmethod
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int],
