@@ -195,10 +195,11 @@ def extract(
 
 def _register_subcommands() -> None:
     """Commands of the other packages, each module adding its own (kept out of this file's imports)."""
-    from cli import search, train
+    from cli import search, train, xcohort
 
     search.register(app)
     train.register(app)
+    xcohort.register(app)
 
 
 _register_subcommands()

@@ -219,3 +219,12 @@ def test_writer_killed_between_array_write_and_commit(tmp_path, tiling):
     assert store.info().slides == 2 and store.info().tiles == 70
     assert store.vacuum(older_than_s=0) == 1
     assert store.info().staging == 0
+
+
+def test_table_added_after_a_store_was_created_reads_as_empty(tmp_path, tiling):
+    store = Store.create(tmp_path / "s")
+    commit_random_slide(store, 1, tiling, [make_encoder()], 5)
+    (tmp_path / "s" / "commits" / "00000000000000000000-genesis" / "imports.parquet").unlink()
+    reopened = Store.open(tmp_path / "s", read_only=True)
+    assert reopened.sql("SELECT count(*) AS n FROM imports").column("n")[0].as_py() == 0
+    assert reopened.info().slides == 1

@@ -19,8 +19,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from featurestore.store._layout import COMMITS
-from schemas import FREE_TABLES, TABLES, ReadOnlyError
+from featurestore.store._layout import COMMITS, GENESIS
+from schemas import FREE_TABLES, TABLES, ReadOnlyError, stored_schema
 
 KEYS: dict[str, tuple[str, ...]] = {
     "slides": ("slide_id",),
@@ -62,13 +62,21 @@ def connect(root: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the store's table views.
 
     Globs are expanded when a query binds, so one connection sees commits published after it was
-    opened. The genesis commit (an empty, typed file per table) keeps every glob non-empty.
+    opened. The genesis commit (an empty, typed file per table) keeps every glob non-empty; a table
+    added to the format after a store's genesis is an empty typed table until a commit writes it.
     """
     con = duckdb.connect(":memory:")
     for name in [*TABLES, *FREE_TABLES]:
-        pattern = _quote(root / COMMITS / "*" / f"{name}.parquet")
         raw = f"_raw_{name}"
-        con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet({pattern}, union_by_name=true)")
+        if (root / COMMITS / GENESIS / f"{name}.parquet").exists() or any((root / COMMITS).glob(f"*/{name}.parquet")):
+            pattern = _quote(root / COMMITS / "*" / f"{name}.parquet")
+            con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet({pattern}, union_by_name=true)")
+        else:
+            schema = (FREE_TABLES[name].append(pa.field("commit_id", pa.string())) if name in FREE_TABLES
+                      else stored_schema(TABLES[name]))
+            con.register("_empty", schema.empty_table())
+            con.execute(f"CREATE TABLE {raw} AS SELECT * FROM _empty")
+            con.unregister("_empty")
         if name == "tiles":
             continue
         if name in KEYS:

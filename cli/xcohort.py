@@ -1,0 +1,153 @@
+"""``fs distill-slides`` and ``fs amkd``: slide students distilled from another cohort, modality or ensemble.
+
+The commands parse and print; ``distill.xcohort`` does the work. ``register(app)`` adds them to ``fs``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli._common import StoreOpt, console, friendly
+from cli.train import TaskKind
+
+
+class Objective(StrEnum):
+    task = "task"
+    triplet = "triplet"
+    clip = "clip"
+    soft = "soft"
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def distill_slides_command(
+    store: StoreOpt,
+    model: Annotated[str, typer.Option("--model", "-m", help="Student's embedding set in --store.")],
+    label: Annotated[str, typer.Option(help="Labels column the student learns.")],
+    task: Annotated[TaskKind, typer.Option(help="What the label is.")] = TaskKind.classification,
+    objective: Annotated[Objective, typer.Option(help="Auxiliary term added to the task loss.")]
+    = Objective.triplet,
+    bank_store: Annotated[Path | None, typer.Option(help="Store of the teacher cohort (default --store).")] = None,
+    bank: Annotated[str | None, typer.Option(help="SQL returning the bank's `embedding` and label columns.")]
+    = None,
+    bank_label: Annotated[str | None, typer.Option(help="Bank label column (e.g. grade).")] = None,
+    anchor_label: Annotated[str | None, typer.Option(help="Student's column matched to --bank-label.")] = None,
+    bank_secondary: Annotated[str | None, typer.Option(help="Secondary column for positives, e.g. tumour_fraction.")]
+    = None,
+    bin_edge: Annotated[list[float] | None, typer.Option(help="Edge cutting --bank-secondary into bins; repeat.")]
+    = None,
+    soft_query: Annotated[str | None, typer.Option(help="Soft objective: SQL returning slide_id, logits per head.")]
+    = None,
+    weight: Annotated[float, typer.Option(help="λ: weight of the auxiliary term.")] = 1.0,
+    margin: Annotated[float, typer.Option(help="Triplet margin (cosine distance).")] = 0.2,
+    temperature: Annotated[float, typer.Option(help="InfoNCE temperature.")] = 0.1,
+    gap: Annotated[int, typer.Option(help="Label distance of triplet negatives.")] = 1,
+    hard_negatives: Annotated[bool, typer.Option(help="Hardest other-label bank item (FAISS) as negative.")]
+    = False,
+    sweep_margin: Annotated[list[float] | None, typer.Option(help="Sweep these margins (with --sweep-weight).")]
+    = None,
+    sweep_weight: Annotated[list[float] | None, typer.Option(help="Sweep these λ values.")] = None,
+    compare: Annotated[bool, typer.Option(help="Also train task-only on the same splits; Wilcoxon over seeds.")]
+    = False,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 3,
+    seeds: Annotated[int, typer.Option(help="Repeats with different splits and initialisations.")] = 5,
+    group: Annotated[str, typer.Option(help="Labels column grouping one patient's slides; 'none' for slides.")]
+    = "patient",
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
+    hidden: Annotated[int, typer.Option(help="ABMIL projection width.")] = 128,
+    attention_dim: Annotated[int, typer.Option(help="ABMIL attention width.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Bags per step.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Run directory for config, metrics and predictions.")] = None,
+) -> None:
+    """Train an ABMIL student with task loss + λ·(triplet | clip | soft) from a teacher bank or ensemble.
+
+    The bank is any SQL over --bank-store, e.g.
+    "SELECT e.embedding, l.grade FROM slide_emb_uni e JOIN labels l USING (slide_id)".
+    """
+    import numpy as np
+
+    from distill.mil import HeadConfig
+    from distill.tasks import TaskSpec
+    from distill.xcohort import BankSpec, SlideDistillConfig, compare_objectives, distill_slides, sweep, wilcoxon_p
+    from distill.xcohort.slides import write_run
+
+    spec = None
+    if bank is not None or bank_label is not None:
+        if bank is None or bank_label is None:
+            raise typer.BadParameter("--bank and --bank-label go together")
+        spec = BankSpec(bank_store or store, bank, bank_label, bank_secondary, tuple(bin_edge or ()))
+    cfg = SlideDistillConfig(store, model, TaskSpec(task.value, label), objective.value, spec, anchor_label,
+                             soft_query=soft_query, weight=weight, margin=margin, temperature=temperature, gap=gap,
+                             hard_negatives=hard_negatives, head=HeadConfig("abmil", hidden, attention_dim),
+                             folds=folds, seeds=seeds, group=None if group.lower() == "none" else group,
+                             epochs=epochs, batch_size=batch_size, device=device)
+    if sweep_margin or sweep_weight:
+        rows = sweep(cfg, tuple(sweep_margin or [margin]), tuple(sweep_weight or [weight]))
+        view = Table("margin", "λ", *list(rows[0])[2:], title="validation sweep (test folds unused)")
+        for r in rows:
+            view.add_row(*(_fmt(v) for v in r.values()))
+        console.print(view)
+        return
+    if compare and objective is not Objective.task:
+        results = compare_objectives(cfg, ("task", objective.value))
+        if out is not None:
+            write_run(results[objective.value], out)
+    else:
+        results = {objective.value: distill_slides(cfg, out)}
+    first = next(iter(results.values()))
+    view = Table("seed", *results, title=f"held-out {first.primary} per seed")
+    for seed in range(seeds):
+        view.add_row(str(seed), *(_fmt(r.primary_per_seed()[seed]) for r in results.values()))
+    view.add_row("mean", *(_fmt(float(np.nanmean(r.primary_per_seed()))) for r in results.values()))
+    console.print(view)
+    if len(results) == 2:
+        p = wilcoxon_p(results[objective.value].primary_per_seed(), results["task"].primary_per_seed())
+        console.print(f"Wilcoxon signed-rank, {objective.value} vs task over {seeds} seeds: p = {p:.3g}")
+    if out is not None:
+        console.print(f"{objective.value} run written to {out}")
+
+
+def amkd_command(
+    store: StoreOpt,
+    model: Annotated[str, typer.Option("--model", "-m", help="Embedding set in --store.")],
+    time: Annotated[str, typer.Option(help="Follow-up time column.")],
+    event: Annotated[str, typer.Option(help="Column with 1 = event, 0 = censored.")],
+    omics: Annotated[list[str] | None, typer.Option(help="Omics label column; repeat for several.")] = None,
+    omics_parquet: Annotated[Path | None, typer.Option(help="Parquet of omics features joined by --omics-key.")]
+    = None,
+    omics_key: Annotated[str, typer.Option(help="Column joining the Parquet rows to the labels.")] = "patient",
+    weight: Annotated[float, typer.Option(help="λ: weight of the distillation term.")] = 1.0,
+    tau: Annotated[float, typer.Option(help="Disagreement scale of the adaptive weight (risk sds).")] = 1.0,
+    omics_dropout: Annotated[float, typer.Option(help="Share of training patients seen without omics.")] = 0.25,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 3,
+    seeds: Annotated[int, typer.Option(help="Repeats with different splits and initialisations.")] = 3,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
+    batch_size: Annotated[int, typer.Option(help="Bags per step (Cox: 16 or more).")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Distil a pathology + omics survival teacher into a pathology-only ABMIL student (docs/amkd.md)."""
+    from distill.xcohort import AmkdConfig, amkd
+
+    result = amkd(AmkdConfig(store, model, time, event, tuple(omics or ()), omics_parquet, omics_key,
+                             folds=folds, seeds=seeds, epochs=epochs, batch_size=batch_size, weight=weight, tau=tau,
+                             omics_dropout=omics_dropout, device=device))
+    view = Table("seed", "teacher", "teacher, no omics", "pathology baseline", "distilled student",
+                 title="held-out C-index")
+    columns = (result.teacher, result.teacher_no_omics, result.baseline, result.student)
+    for seed in range(seeds):
+        view.add_row(str(seed), *(_fmt(c[seed]) for c in columns))
+    console.print(view)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``distill-slides`` and ``amkd`` to the ``fs`` app."""
+    app.command("distill-slides")(friendly(distill_slides_command))
+    app.command("amkd")(friendly(amkd_command))
