@@ -221,8 +221,8 @@ CHILD = textwrap.dedent("""
 
     real_embed, real_rename = ex.embed_batches, os.rename
     ex.embed_batches = lambda *a, **k: (stall("embed"), real_embed(*a, **k))[1]
-    _commit.os.rename = lambda s, d: ((Path(s) / "tiles.parquet").exists() and stall("publish"),
-                                      real_rename(s, d))[1]
+    slide_commit = lambda s: (Path(s) / "slide_tilings.parquet").exists() and "genesis" not in str(s)
+    _commit.os.rename = lambda s, d: (slide_commit(s) and stall("publish"), real_rename(s, d))[1]
     opts = ex.ExtractOptions(models=("test/tiny-cnn",), tiling=TilingSpec(0.5, 224), device="cpu", batch_size=16)
     ex.run_extract([slides], Path(store), opts)
 """)
