@@ -27,9 +27,13 @@ demo: $(STAMP)
 	$(BIN)/fs train --store $(DEMO)/store --model efficientnet-lite0 --label label --task classification \
 	  --head abmil --folds 3 --epochs 30 --hidden 128 --attention-dim 64 --out $(DEMO)/runs/abmil
 	$(BIN)/fs predict $(DEMO)/runs/abmil --store $(DEMO)/store
+	$(BIN)/fs distill --store $(DEMO)/store --teacher efficientnet-lite0 --student mobilenetv3_small_100 \
+	  --objective feature --input-size 96 --epochs 10 --batch-size 16 --lr 3e-3 --out $(DEMO)/runs/student
+	$(BIN)/fs extract $(DEMO)/cohort/slides --store $(DEMO)/store --model student:$(DEMO)/runs/student
 	$(BIN)/fs info --store $(DEMO)/store
 	@echo "demo store: $(abspath $(DEMO)/store)   QC pictures: $(abspath $(DEMO)/store/qc)"
 	@echo "MIL run (metrics.json, ROC, attention maps): $(abspath $(DEMO)/runs/abmil)"
+	@echo "distilled student (report.md, curves.png): $(abspath $(DEMO)/runs/student)"
 	@echo "try: $(BIN)/fs sql 'SELECT * FROM slides' --store $(DEMO)/store"
 
 test: $(STAMP)

@@ -195,8 +195,9 @@ def extract(
 
 def _register_subcommands() -> None:
     """Commands of the other packages, each module adding its own (kept out of this file's imports)."""
-    from cli import search, train, xcohort
+    from cli import distill, search, train, xcohort
 
+    distill.register(app)
     search.register(app)
     train.register(app)
     xcohort.register(app)

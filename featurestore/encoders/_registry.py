@@ -18,13 +18,14 @@ _CONFIGS: dict[str, TeacherConfig] = {}
 _RESOLVERS = {
     "timm:": "featurestore.encoders.generic:timm_config",
     "local:": "featurestore.encoders.generic:local_config",
+    "student:": "featurestore.encoders.student:student_config",
 }
 
 
 def register_teacher(config: TeacherConfig) -> TeacherConfig:
     """Add a teacher under ``config.name``; registering an identical config again is harmless."""
     if config.name.startswith(tuple(_RESOLVERS)):
-        raise ModelError(f"teacher name {config.name!r} uses a reserved prefix (timm:, local:); "
+        raise ModelError(f"teacher name {config.name!r} uses a reserved prefix (timm:, local:, student:); "
                          "choose another name")
     known = _CONFIGS.get(config.name)
     if known is not None and known != config:
@@ -41,19 +42,20 @@ def entrypoint(fn: Callable[[], TeacherConfig]) -> Callable[[], TeacherConfig]:
 
 
 def list_teachers() -> list[str]:
-    """Registered teacher names; ``timm:<arch>`` and ``local:<checkpoint>`` are accepted besides these."""
+    """Registered teacher names; ``timm:<arch>``, ``local:<checkpoint>`` and ``student:<run_dir>`` are accepted
+    besides these."""
     return sorted(_CONFIGS)
 
 
 def teacher_config(name: str) -> TeacherConfig:
-    """The config registered as ``name``, or one resolved from a ``timm:`` / ``local:`` name."""
+    """The config registered as ``name``, or one resolved from a ``timm:`` / ``local:`` / ``student:`` name."""
     if name in _CONFIGS:
         return _CONFIGS[name]
     for prefix, resolver in _RESOLVERS.items():
         if name.startswith(prefix) and len(name) > len(prefix):
             return load_entrypoint(resolver)(name.removeprefix(prefix))
     raise ModelError(f"unknown teacher {name!r}; choose one of {', '.join(list_teachers())}, "
-                     "timm:<arch> or local:<checkpoint>")
+                     "timm:<arch>, local:<checkpoint> or student:<run_dir>")
 
 
 def load_entrypoint(ref: str) -> Callable[..., Any]:
