@@ -161,6 +161,8 @@ def extract(
     = None,
     assume_mpp: Annotated[float | None, typer.Option(help="µm/px for slides whose files have none.")] = None,
     float32: Annotated[bool, typer.Option("--float32", help="Store float32 instead of float16.")] = False,
+    teacher_views: Annotated[int, typer.Option(help="Also embed dihedral views 1..K-1 of each tile (K ≤ 8).")]
+    = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List slides and tile counts; load no model.")]
     = False,
 ) -> None:
@@ -180,7 +182,8 @@ def extract(
         raise typer.BadParameter(str(err)) from err
     opts = ExtractOptions(models=tuple(model), tiling=tiling, weights=weight_map, reader=reader.value,
                           device=device, batch_size=batch_size, read_workers=read_workers,
-                          cache_pixels=pixel_specs, assume_mpp=assume_mpp, dtype="float32" if float32 else "float16")
+                          cache_pixels=pixel_specs, assume_mpp=assume_mpp, dtype="float32" if float32 else "float16",
+                          teacher_views=teacher_views)
     if dry_run:
         print_dry_run(dry_run_counts(paths, opts), console)
         return

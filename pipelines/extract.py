@@ -29,7 +29,7 @@ from featurestore.slides import open_slide, qc_overlay, read_tiles, tile_grid, t
 from featurestore.store import SlideCommit, Store, TiledPixels, tiles_table
 from pipelines.discover import find_slides
 from pipelines.register import describe_slide
-from schemas import EncoderSpec, Failure, FsError, Run, TilingSpec
+from schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, TilingSpec
 from schemas._record import utcnow
 
 
@@ -67,6 +67,7 @@ class ExtractOptions:
     assume_mpp: float | None = None
     dtype: str = "float16"
     qc: bool = True
+    teacher_views: int = 1
 
 
 @dataclass(frozen=True)
@@ -141,16 +142,20 @@ def _prefetch(read: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray
 
 
 def embed_batches(teachers: list, pixel_batches: Iterator[tuple[np.ndarray, np.ndarray]], n: int,
-                  device: str, *, keep_pixels: bool = False) -> tuple[dict[EncoderSpec, np.ndarray], float,
-                                                                    list[np.ndarray]]:
+                  device: str, *, keep_pixels: bool = False, views: int = 1
+                  ) -> tuple[dict[EncoderSpec, np.ndarray], float, list[np.ndarray]]:
     """Run every teacher on every batch; returns embeddings per encoder, device seconds and the pixels seen.
 
     Each teacher autocasts to its own precision on a GPU (bf16 for the large ViTs) and takes uint8
-    tiles, so the host-to-device copy moves a quarter of the bytes of float32.
+    tiles, so the host-to-device copy moves a quarter of the bytes of float32. With ``views`` > 1
+    each teacher also embeds dihedral views 1..K-1 of every tile: arrays are (n, K, dim).
     """
     import torch
 
-    out = {t.spec: np.empty((n, t.spec.embed_dim), np.float32) for t in teachers}
+    from featurestore.encoders.views import dihedral
+
+    shape = (views,) if views > 1 else ()
+    out = {t.spec: np.empty((n, *shape, t.spec.embed_dim), np.float32) for t in teachers}
     kept: list[np.ndarray] = []
     device_s = 0.0
     cuda = device.startswith("cuda")
@@ -163,7 +168,8 @@ def embed_batches(teachers: list, pixel_batches: Iterator[tuple[np.ndarray, np.n
                 x = x.pin_memory().to(device, non_blocking=True)
             t0 = time.perf_counter()
             for t in teachers:
-                out[t.spec][idx] = t(x).cpu().numpy()
+                emb = t(x) if views == 1 else torch.stack([t(dihedral(x, v)) for v in range(views)], dim=1)
+                out[t.spec][idx] = emb.cpu().numpy()
             device_s += time.perf_counter() - t0
     return out, device_s, kept
 
@@ -173,14 +179,14 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
     """Extract one slide and commit it; failures are recorded in the store and returned, never raised.
 
     ``done`` is the resume state from ``Store.progress``: None when the slide has no tiles for this
-    tiling yet, else the encoder ids already stored for it.
+    tiling yet, else the ids of the embedding sets already holding its bag.
     """
     t0 = time.perf_counter()
     stage = "open"
     try:
         device = resolve_device(opts.device)
         teachers = load_teachers(opts, device)
-        todo = [t for t in teachers if t.spec.id not in (done or ())]
+        todo = [t for t in teachers if _set_id(t.spec, opts) not in (done or ())]
         if not todo:
             return SlideOutcome(str(path), slide_id, "skipped")
         slide = describe_slide(path, slide_id, reader=opts.reader, assume_mpp=opts.assume_mpp)
@@ -202,7 +208,8 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
             stream = _prefetch(lambda idx: read_tiles(reader, grid, idx, size), batches, opts.read_workers, depth=3)
             cache_base = not already_tiled and any(p.size == size and p.mpp == opts.tiling.target_mpp
                                                    for p in opts.cache_pixels)
-            embeddings, device_s, seen = embed_batches(todo, stream, len(grid), device, keep_pixels=cache_base)
+            embeddings, device_s, seen = embed_batches(todo, stream, len(grid), device, keep_pixels=cache_base,
+                                                       views=opts.teacher_views)
             stage = "pixels"
             extra = () if already_tiled else tuple(_extra_layers(reader, slide_id, grid, opts))
             if opts.qc and not already_tiled:
@@ -223,6 +230,11 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
         store.register(Failure(str(path), stage, type(err).__name__, message, slide_id))
         return SlideOutcome(str(path), slide_id, "failed", seconds=time.perf_counter() - t0,
                             error=message + ("" if isinstance(err, FsError) else "\n" + traceback.format_exc(limit=3)))
+
+
+def _set_id(spec: EncoderSpec, opts: ExtractOptions) -> str:
+    """The embedding set this run writes for ``spec`` (its id covers dtype and views, not time)."""
+    return EmbeddingSet(opts.tiling.id, spec.id, spec.name, spec.embed_dim, opts.dtype, opts.teacher_views).id
 
 
 def _extra_layers(reader, slide_id: str, grid, opts: ExtractOptions) -> Iterator[TiledPixels]:
@@ -280,9 +292,13 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
     """
     t0 = time.perf_counter()
     from featurestore.encoders import teacher_config
+    from featurestore.encoders.views import DIHEDRAL_VIEWS
 
     for name in opts.models:
         teacher_config(name)
+    if not 1 <= opts.teacher_views <= DIHEDRAL_VIEWS:
+        raise FsError(f"--teacher-views {opts.teacher_views}: choose 1..{DIHEDRAL_VIEWS} (the dihedral views of a "
+                      "square tile)")
     if not (workers or scheduler):
         load_teachers(opts, resolve_device(opts.device))
     store = Store.open_or_create(store_path)

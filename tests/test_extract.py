@@ -21,7 +21,7 @@ from featurestore.slides import open_slide, read_tiles, tile_grid, tissue_mask
 from featurestore.store import Store
 from pipelines.demo import make_cohort
 from pipelines.extract import ExtractOptions, PixelSpec, dry_run_counts, run_extract
-from schemas import TilingSpec
+from schemas import FsError, TilingSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "test/tiny-cnn"
@@ -109,6 +109,33 @@ def test_rerun_skips_and_new_model_runs_only_on_existing_tiles(cohort, clean_sto
     assert store.sql("SELECT DISTINCT commit_id FROM tiles ORDER BY 1").to_pylist() == tile_commits
     assert snapshot(store) == snapshot(clean_store)
     assert store.info().embedding_sets[1][3] == store.info().tiles
+
+
+def test_teacher_views_cache_dihedral_embeddings(cohort, clean_store, tmp_path):
+    from featurestore.encoders.views import dihedral
+
+    path = tmp_path / "store"
+    shutil.copytree(clean_store.root, path)
+    report = run_extract([cohort.root / "slides"], path, opts(teacher_views=2))
+    assert [o.models for o in report.outcomes] == [(TEACHER,)] * 3, "a 2-view set is new work, not done work"
+    store = Store.open(path)
+    es = next(s for s in store.embedding_sets() if s.views == 2)
+    slide = store.slides()[0]
+    bag = store.read_bag(es, slide.slide_id)
+    single = clean_store.read_bag(clean_store.embedding_set(TEACHER), slide.slide_id)
+    assert bag.shape == (single.shape[0], 2, single.shape[1])
+    assert np.array_equal(bag[:, 0], single), "view 0 is the tile itself"
+    tiles = store.read_tiles(slide.slide_id, TILING.id)
+    with open_slide(slide.path) as reader:
+        grid = tile_grid(reader, TILING, tissue_mask(reader, TILING, mpp=slide.mpp_x), mpp=slide.mpp_x)
+        grid = grid.with_coordinates(tiles.column("x").to_numpy(), tiles.column("y").to_numpy())
+        pixels = torch.from_numpy(read_tiles(reader, grid, np.arange(4), TILING.tile_size))
+    with torch.inference_mode():
+        rotated = build_teacher(TEACHER, device="cpu")(dihedral(pixels, 1)).numpy()
+    np.testing.assert_allclose(bag[:4, 1].astype(np.float32), rotated, rtol=1e-2, atol=1e-2)
+    assert not np.allclose(bag[:4, 1], bag[:4, 0], atol=1e-2), "a rotated view embeds differently"
+    with pytest.raises(FsError, match="teacher-views"):
+        run_extract([cohort.root / "slides"], path, opts(teacher_views=9))
 
 
 def test_several_teachers_share_one_tile_index(cohort, tmp_path):

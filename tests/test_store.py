@@ -141,7 +141,7 @@ def test_adding_an_encoder_to_existing_tiles(tmp_path, tiling):
     slide = make_slide(1)
     new = make_encoder("b", 4)
     store.commit_slide(SlideCommit(slide, tiling, None, {new: np.ones((10, 4), np.float32)}))
-    assert new.id in store.progress(tiling.id)[slide.slide_id]
+    assert store.embedding_set("b").id in store.progress(tiling.id)[slide.slide_id]
     assert store.info().tiles == 10
     with pytest.raises(InvalidRecordError, match="expected"):
         store.commit_slide(SlideCommit(slide, tiling, None, {new: np.ones((9, 4), np.float32)}))
@@ -154,7 +154,7 @@ def test_progress_tracks_tiling_and_encoder(tmp_path, tiling):
     enc = make_encoder()
     commit_random_slide(store, 1, tiling, [enc], 5)
     commit_random_slide(store, 2, tiling, [], 5)
-    assert store.progress(tiling.id) == {make_slide(1).slide_id: frozenset({enc.id}),
+    assert store.progress(tiling.id) == {make_slide(1).slide_id: frozenset({store.embedding_set(enc.name).id}),
                                          make_slide(2).slide_id: frozenset()}
     assert store.progress(TilingSpec(1.0, 224).id) == {}
 

@@ -33,22 +33,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from featurestore.encoders.views import dihedral
 from featurestore.store import Store
 from schemas import EmbeddingSet, TilingSpec
 
 DIHEDRAL_VIEWS = 8
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 """Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), as in scikit-image."""
-
-
-def dihedral(x: Tensor, view: int) -> Tensor:
-    """Dihedral view 0..7 of (..., H, W, C) tiles: rotate 90°·(view mod 4), then mirror left-right if view ≥ 4.
-
-    View 0 is the tile itself. Stage one caches teacher view v as the teacher's embedding of
-    ``dihedral(tile, v)``, so the student can be shown the same view.
-    """
-    y = torch.rot90(x, view % 4, dims=(-3, -2))
-    return torch.flip(y, dims=(-2,)) if view >= 4 else y
 
 
 def dihedral_each(x: Tensor, views: Tensor) -> Tensor:

@@ -251,17 +251,18 @@ class Store:
         raise UnknownEmbeddingSetError(f"{self.root}: model {model!r} {why}; choose one of: {choices}")
 
     def progress(self, tiling_id: str) -> dict[str, frozenset[str]]:
-        """Resume state in one query: every slide tiled with ``tiling_id`` → encoder ids with its bag.
+        """Resume state in one query: every slide tiled with ``tiling_id`` → ids of the sets holding its bag.
 
         Extraction takes this snapshot once per run (not once per slide), because each query reads
-        every commit's small tables and a cohort has thousands of commits.
+        every commit's small tables and a cohort has thousands of commits. Set ids cover encoder,
+        dtype and views, so a float32 or multi-view request is not mistaken for finished work.
         """
         rows = self._query(
-            "SELECT st.slide_id, list(e.encoder_id) FILTER (WHERE e.encoder_id IS NOT NULL) AS encoders "
+            "SELECT st.slide_id, list(e.set_id) FILTER (WHERE e.set_id IS NOT NULL) AS sets "
             "FROM slide_tilings st LEFT JOIN bags b ON b.slide_id = st.slide_id "
             "LEFT JOIN embedding_sets e ON e.set_id = b.set_id AND e.tiling_id = st.tiling_id "
             "WHERE st.tiling_id = ? GROUP BY st.slide_id", [tiling_id]).to_pylist()
-        return {r["slide_id"]: frozenset(r["encoders"] or ()) for r in rows}
+        return {r["slide_id"]: frozenset(r["sets"] or ()) for r in rows}
 
     # --- writing -----------------------------------------------------------------------------
 
