@@ -44,13 +44,7 @@ HAZARD = 6.0
 """Log-hazard per unit of signal strength in the survival cohort."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These heads are tiny: one intra-op thread is several times faster than two on small CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass(frozen=True)

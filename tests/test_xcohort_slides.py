@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -45,12 +44,7 @@ BANK_SQL = ("SELECT e.embedding, l.grade, l.tumour_fraction FROM slide_emb_effic
 SEEDS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass(frozen=True)

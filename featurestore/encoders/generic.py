@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -59,6 +60,21 @@ def timm_config(arch: str) -> TeacherConfig:
         license=cfg.get("license") or "", version=f"timm-{timm.__version__}", arch=arch)
 
 
+def read_json_config(name: str, path: Path, required: tuple[str, ...], optional: tuple[str, ...],
+                     fix: str) -> dict[str, Any]:
+    """A JSON object with exactly these keys (all of ``required``); one-line errors name ``path`` and the fix."""
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{name}: {path} is not readable JSON ({err}); {fix}") from err
+    missing = [k for k in required if k not in spec] if isinstance(spec, dict) else list(required)
+    unknown = sorted(set(spec) - set(required) - set(optional)) if isinstance(spec, dict) else []
+    if missing or unknown:
+        raise ModelError(f"{name}: {path} lacks {missing} or has unknown keys {unknown}; "
+                         f"allowed keys are {', '.join(required + optional)}")
+    return spec
+
+
 def local_config(location: str) -> TeacherConfig:
     """Config of ``local:<checkpoint>`` from the sidecar ``<checkpoint stem>.json`` described above."""
     path = Path(location).expanduser()
@@ -69,15 +85,7 @@ def local_config(location: str) -> TeacherConfig:
     if not sidecar.is_file():
         raise ModelError(f"local:{location}: no sidecar config {sidecar}; write one with "
                          f"{', '.join(_REQUIRED)} (see featurestore.encoders.generic)")
-    try:
-        spec = json.loads(sidecar.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"local:{location}: {sidecar} is not readable JSON ({err}); fix the file") from err
-    missing = [k for k in _REQUIRED if k not in spec] if isinstance(spec, dict) else list(_REQUIRED)
-    unknown = sorted(set(spec) - set(_REQUIRED) - set(_OPTIONAL)) if isinstance(spec, dict) else []
-    if missing or unknown:
-        raise ModelError(f"local:{location}: {sidecar} lacks {missing} or has unknown keys {unknown}; "
-                         f"allowed keys are {', '.join(_REQUIRED + _OPTIONAL)}")
+    spec = read_json_config(f"local:{location}", sidecar, _REQUIRED, _OPTIONAL, "fix the file")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("kwargs", {}).items()}
     return TeacherConfig(
         name=spec.get("name", f"local:{path.stem}"), builder=BUILDER, embed_dim=int(spec["embed_dim"]),

@@ -25,14 +25,13 @@ SQL and search built on teacher embeddings apply to them unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from featurestore.encoders._config import TeacherConfig
-from featurestore.encoders.generic import timm_backbone
+from featurestore.encoders.generic import read_json_config, timm_backbone
 from schemas.errors import ModelError
 
 SIDECAR = "student.json"
@@ -65,16 +64,7 @@ def read_sidecar(run_dir: Path) -> dict[str, Any]:
     sidecar = run_dir / SIDECAR
     if not sidecar.is_file():
         raise ModelError(f"student:{run_dir}: no {sidecar}; pass a run directory written by fs distill --out")
-    try:
-        spec = json.loads(sidecar.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"student:{run_dir}: {sidecar} is not readable JSON ({err}); re-run fs distill") from err
-    missing = [k for k in _REQUIRED if k not in spec] if isinstance(spec, dict) else list(_REQUIRED)
-    unknown = sorted(set(spec) - set(_REQUIRED) - set(_OPTIONAL)) if isinstance(spec, dict) else []
-    if missing or unknown:
-        raise ModelError(f"student:{run_dir}: {sidecar} lacks {missing} or has unknown keys {unknown}; "
-                         f"allowed keys are {', '.join(_REQUIRED + _OPTIONAL)}")
-    return spec
+    return read_json_config(f"student:{run_dir}", sidecar, _REQUIRED, _OPTIONAL, "re-run fs distill")
 
 
 def student_config(location: str) -> TeacherConfig:
