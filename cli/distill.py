@@ -47,6 +47,10 @@ def _print_report(report: dict[str, Any]) -> None:
         if probe:
             view.add_row(f"{who} probe AUROC / kNN bal. acc.",
                          f"{fmt(probe['linear_auroc'])} / {fmt(probe['knn_balanced_accuracy'])}")
+    down = ev.get("downstream") or {}
+    for who in ("student", "teacher") if "student" in down else ():
+        view.add_row(f"{who} downstream {down['head']} {down['metric']} ({down['folds']}-fold)",
+                     fmt(down[who][down["metric"]]))
     console.print(view)
     student, teacher = cost["student"], cost["teacher"]
     gflops = [None if c.get("flops") is None else c["flops"] / 1e9 for c in (student, teacher)]
@@ -72,6 +76,8 @@ def distill_command(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
     tiles_per_slide: Annotated[int, typer.Option(help="Tiles per slide per epoch; 0 for the median slide's.")] = 0,
     holdout: Annotated[float, typer.Option(help="Share of patients held out for evaluation.")] = 0.25,
+    downstream_folds: Annotated[int, typer.Option(help="Folds of the downstream ABMIL check, student vs teacher "
+                                                  "bags (0: skip).")] = 3,
     label: Annotated[str, typer.Option(help="Slide label broadcast to tiles (probes, logit CE, supervised).")]
     = "label",
     group: Annotated[str, typer.Option(help="Labels column with the patient; 'none' to split by slide.")]
@@ -108,7 +114,8 @@ def distill_command(
     cfg = DistillConfig(store=store, teachers=tuple(teacher), student=student, objective=objective.value, out=out,
                         pixels=pixels, input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr,
                         weight_decay=weight_decay, tiles_per_slide=tiles_per_slide, holdout=holdout, label=label,
-                        group=None if group.lower() == "none" else group, seed=seed, device=device,
+                        downstream_folds=downstream_folds, group=None if group.lower() == "none" else group,
+                        seed=seed, device=device,
                         augment=None if no_augment else Augment(), region=region, teacher_head=teacher_head,
                         objective_cfg=objective_cfg, cache_gb=cache_gb, standardize=not raw_targets, name=name)
     result = distill(cfg, on_progress=lambda line: console.print(line, highlight=False))

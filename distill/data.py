@@ -59,6 +59,14 @@ class BagReader:
     def slide_ids(self) -> list[str]:
         return list(self._where)
 
+    @property
+    def name(self) -> str:
+        return self.es.encoder_name
+
+    @property
+    def dim(self) -> int:
+        return self.es.embed_dim
+
     def n_tiles(self, slide_id: str) -> int:
         return self._location(slide_id)[2]
 
@@ -104,6 +112,34 @@ class BagReader:
                            f"({self.es.encoder_name})") from err
 
 
+class ArrayBags:
+    """Bags held in memory, read like a :class:`BagReader`: embeddings computed in this process (a
+    student's, during ``fs distill``) go through the same MIL code as stored ones."""
+
+    def __init__(self, name: str, bags: dict[str, np.ndarray], xy: dict[str, np.ndarray]) -> None:
+        self.name = name
+        self._bags = {s: np.asarray(b, np.float32) for s, b in bags.items()}
+        self._xy = xy
+        self.dim = next(iter(self._bags.values())).shape[1]
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return sorted(self._bags)
+
+    def n_tiles(self, slide_id: str) -> int:
+        return len(self._bags[slide_id])
+
+    def features(self, slide_id: str, rows: np.ndarray | None = None) -> np.ndarray:
+        bag = self._bags[slide_id]
+        return bag if rows is None else bag[rows]
+
+    def xy(self, slide_id: str) -> np.ndarray:
+        return self._xy[slide_id]
+
+
+BagSource = BagReader | ArrayBags
+
+
 def grid_positions(xy: np.ndarray) -> np.ndarray:
     """Integer (column, row) of each tile on the slide's tile grid.
 
@@ -137,7 +173,7 @@ class BagDataset(Dataset):
     each epoch (``set_epoch``) but reproducibly; rows stay in tile order. Evaluation uses no cap.
     """
 
-    def __init__(self, reader: BagReader, slide_ids: list[str], targets: np.ndarray, *,
+    def __init__(self, reader: BagSource, slide_ids: list[str], targets: np.ndarray, *,
                  max_tiles: int | None = None, coords: bool = False, seed: int = 0) -> None:
         self.reader = reader
         self.slide_ids = slide_ids

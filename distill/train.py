@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distill import report
-from distill.data import BagDataset, BagReader
+from distill.data import BagDataset, BagReader, BagSource
 from distill.errors import ConfigError, RunDirError
 from distill.mil import HeadConfig, MILHead, build_head
 from distill.runtime import amp_dtype, autocast, batches, infer, make_loader, resolve_device, save_checkpoint
@@ -110,7 +110,7 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-def load_cohort(store: Store, reader: BagReader, spec: TaskSpec, group: str | None, split: str | None) -> Cohort:
+def load_cohort(store: Store, reader: BagSource, spec: TaskSpec, group: str | None, split: str | None) -> Cohort:
     """Slides that have embeddings and every label the task needs; a missing group value is an error."""
     labels = store.sql("SELECT * EXCLUDE (commit_id) FROM labels ORDER BY slide_id")
     for name in [*spec.columns, *(c for c in (group, split) if c)]:
@@ -127,7 +127,7 @@ def load_cohort(store: Store, reader: BagReader, spec: TaskSpec, group: str | No
         complete &= np.array([v is not None for v in labels.column(name).to_pylist()], bool)
     labels = labels.filter(pa.array(in_set & complete))
     if labels.num_rows == 0:
-        raise ConfigError(f"{store.root}: no slide has both {reader.es.encoder_name} embeddings and "
+        raise ConfigError(f"{store.root}: no slide has both {reader.name} embeddings and "
                           f"{' and '.join(spec.columns)} labels; run fs extract / fs labels import first")
     slide_ids = labels.column("slide_id").to_pylist()
     if group:
@@ -196,12 +196,7 @@ def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
     cohort = load_cohort(store, reader, cfg.task, cfg.group, cfg.split)
     task = make_task(cfg.task, cohort.labels)
     targets = task.targets(cohort.labels)
-    strata = task.strata(targets)
-    if cfg.split:
-        splits = column_splits(cohort.labels.column(cfg.split).to_pylist(), cohort.groups, strata, cfg.seeds,
-                               column=cfg.split, val_fraction=cfg.val_fraction)
-    else:
-        splits = kfold_splits(cohort.groups, strata, cfg.folds, cfg.seeds, cfg.val_fraction)
+    splits = _splits(cfg, cohort, task, targets)
     device = resolve_device(cfg.device)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     say(f"{len(cohort.slide_ids)} slides, {len(set(cohort.groups))} patients, {len(splits)} splits on {device}"
@@ -215,7 +210,7 @@ def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
         pq.write_table(_splits_table(splits, cohort), staging / "splits.parquet")
         predictions, history = [], []
         for sp in splits:
-            rows, hist = _run_split(sp, cfg, task, targets, cohort, reader, es, device, staging)
+            rows, hist = _run_split(sp, cfg, task, targets, cohort, reader, device, staging / "checkpoints")
             predictions += rows
             history += hist
             metric = task.metrics(*_arrays(rows))[task.primary]
@@ -236,12 +231,38 @@ def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
     return RunResult(cfg.out, run_id, metrics)
 
 
-def _run_split(sp: Split, cfg: TrainConfig, task: Task, targets: np.ndarray, cohort: Cohort, reader: BagReader,
-               es: EmbeddingSet, device: torch.device, run_dir: Path) -> tuple[list[dict], list[dict]]:
+def cross_validate(cfg: TrainConfig, reader: BagSource, cohort: Cohort,
+                   device: torch.device) -> tuple[Task, list[dict]]:
+    """The test-fold predictions of ``cfg``'s splits, with no run directory: compares several
+    embeddings of one cohort under identical splits, seeds and head initialisations (fs distill's
+    downstream check of a student against its teacher)."""
+    task = make_task(cfg.task, cohort.labels)
+    targets = task.targets(cohort.labels)
+    rows: list[dict] = []
+    for sp in _splits(cfg, cohort, task, targets):
+        rows += _run_split(sp, cfg, task, targets, cohort, reader, device, None)[0]
+    return task, rows
+
+
+def fold_metrics(task: Task, rows: list[dict]) -> dict[str, float]:
+    """The task's metrics on prediction rows pooled over their folds."""
+    return task.metrics(*_arrays(rows))
+
+
+def _splits(cfg: TrainConfig, cohort: Cohort, task: Task, targets: np.ndarray) -> list[Split]:
+    strata = task.strata(targets)
+    if cfg.split:
+        return column_splits(cohort.labels.column(cfg.split).to_pylist(), cohort.groups, strata, cfg.seeds,
+                             column=cfg.split, val_fraction=cfg.val_fraction)
+    return kfold_splits(cohort.groups, strata, cfg.folds, cfg.seeds, cfg.val_fraction)
+
+
+def _run_split(sp: Split, cfg: TrainConfig, task: Task, targets: np.ndarray, cohort: Cohort, reader: BagSource,
+               device: torch.device, checkpoints: Path | None) -> tuple[list[dict], list[dict]]:
     seed = 1000 * sp.seed + sp.fold
     torch.manual_seed(seed)
     fitted = task.fit(targets[sp.train])
-    head = build_head(cfg.head, es.embed_dim, fitted.readout, fitted.n_classes).to(device)
+    head = build_head(cfg.head, reader.dim, fitted.readout, fitted.n_classes).to(device)
     ids = cohort.slide_ids
 
     def dataset(rows: np.ndarray, cap: int | None) -> BagDataset:
@@ -250,9 +271,10 @@ def _run_split(sp: Split, cfg: TrainConfig, task: Task, targets: np.ndarray, coh
 
     val_ds = dataset(sp.val, None) if len(sp.val) else None
     best_epoch, history = fit_head(head, fitted, dataset(sp.train, cfg.max_tiles), val_ds, cfg, device, seed)
-    save_checkpoint(run_dir / "checkpoints" / f"seed{sp.seed}-fold{sp.fold}.pt", head, fitted,
-                    in_dim=es.embed_dim, seed=sp.seed, fold=sp.fold, best_epoch=best_epoch,
-                    train=[ids[r] for r in sp.train], val=[ids[r] for r in sp.val], test=[ids[r] for r in sp.test])
+    if checkpoints is not None:
+        save_checkpoint(checkpoints / f"seed{sp.seed}-fold{sp.fold}.pt", head, fitted, in_dim=reader.dim,
+                        seed=sp.seed, fold=sp.fold, best_epoch=best_epoch, train=[ids[r] for r in sp.train],
+                        val=[ids[r] for r in sp.val], test=[ids[r] for r in sp.test])
     test_ds = dataset(sp.test, None)
     outputs = infer(head, make_loader(test_ds, cfg.batch_size, workers=cfg.workers), device).outputs
     scores = fitted.score(outputs)

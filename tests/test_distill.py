@@ -34,7 +34,7 @@ from schemas import TilingSpec
 TEACHER = "efficientnet-lite0"
 TILING = TilingSpec(target_mpp=0.5, tile_size=224)
 STUDENT = "mobilenetv3_small_100"
-FAST = {"student": STUDENT, "input_size": 96, "batch_size": 16, "lr": 3e-3, "device": "cpu"}
+FAST = {"student": STUDENT, "input_size": 96, "batch_size": 16, "lr": 3e-3, "device": "cpu", "downstream_folds": 0}
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +115,23 @@ def test_feature_student_matches_the_teacher_on_held_out_tiles(feature_run):
     assert not set(config["train_slides"]) & set(config["heldout_slides"])
 
 
-def test_distilled_student_beats_the_untrained_student_on_a_tile_probe(feature_run, store_path, tmp_path):
+def test_downstream_mil_compares_student_and_teacher_bags_on_the_same_splits(feature_run):
+    down = json.loads((feature_run / "report.json").read_text())["evaluation"]["downstream"]
+    assert down["head"] == "abmil" and down["folds"] == 3 and down["slides"] == 6 and down["metric"] == "auroc"
+    assert 0 <= down["student"]["auroc"] <= 1 and down["teacher"]["auroc"] >= 0.75, down
+    assert "Downstream: abmil" in (feature_run / "report.md").read_text()
+
+
+def test_distilled_student_beats_students_trained_from_scratch_on_a_tile_probe(feature_run, store_path, tmp_path):
+    """Same architecture, input, data, epochs and seed; the probe's L2 strength is cross-validated per
+    embedding on the training slides. Measured: distilled 0.934, SimSiam from scratch 0.904, untrained 0.808
+    (teacher 0.916)."""
     distilled = json.loads((feature_run / "report.json").read_text())
     untrained = run(store_path, tmp_path / "untrained", "simsiam", epochs=0)
+    scratch = run(store_path, tmp_path / "simsiam", "simsiam", epochs=10)
     assert untrained["ledger"]["target_tiles"] == 0 and untrained["history"]["train_loss"] == []
-    assert probe_auroc(distilled) > probe_auroc(untrained) + 0.03, (probe_auroc(distilled), probe_auroc(untrained))
+    assert probe_auroc(distilled) > probe_auroc(untrained) + 0.05, (probe_auroc(distilled), probe_auroc(untrained))
+    assert probe_auroc(distilled) > probe_auroc(scratch), (probe_auroc(distilled), probe_auroc(scratch))
     knn = [r["evaluation"]["probe"]["student"]["knn_balanced_accuracy"] for r in (distilled, untrained)]
     assert knn[0] > knn[1] + 0.1, knn
 

@@ -23,14 +23,14 @@ import typer
 from typer.testing import CliRunner
 
 from cli.train import register
-from distill.data import BagDataset, BagReader, collate_bags, grid_positions
+from distill.data import ArrayBags, BagDataset, BagReader, collate_bags, grid_positions
 from distill.errors import ConfigError, RunDirError
 from distill.mil import HeadConfig
 from distill.predict import predict, read_predictions
 from distill.report import cached_thumbnails, cell_size, evaluate_run, heatmap_image
 from distill.runtime import load_checkpoint
 from distill.tasks import TaskSpec
-from distill.train import TrainConfig, train
+from distill.train import TrainConfig, cross_validate, fold_metrics, load_cohort, train
 from featurestore.store import SlideCommit, Store, tiles_table
 from schemas import TilingSpec, UnknownEmbeddingSetError
 from tests.conftest import commit_random_slide, make_encoder, make_slide
@@ -174,6 +174,24 @@ def test_fixed_seed_reproduces_predictions_exactly(cohort, tmp_path):
     (a, state_a), (b, state_b) = once("a"), once("b")
     assert a.num_rows == 2 * 80 and a.equals(b)
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_cross_validate_on_bags_in_memory_matches_fs_train_on_the_store(cohort, tmp_path):
+    """fs distill's downstream check runs ABMIL on a student's bags held in memory: with the same
+    embeddings it must give fs train's predictions exactly (same splits, seeds and initialisation)."""
+    cfg = config(cohort.store, tmp_path / "stored", folds=3, epochs=4, max_tiles=25, heatmaps=0, bootstrap=0)
+    stored = pq.read_table(train(cfg).run_dir / "predictions.parquet").sort_by([("fold", "ascending"),
+                                                                                 ("slide_id", "ascending")])
+    store = Store.open(cohort.store, read_only=True)
+    reader = BagReader(store, store.embedding_set("synth"))
+    in_memory = ArrayBags("copy", {s: reader.features(s) for s in reader.slide_ids},
+                          {s: reader.xy(s) for s in reader.slide_ids})
+    task, rows = cross_validate(cfg, in_memory, load_cohort(store, in_memory, cfg.task, cfg.group, None),
+                                 torch.device("cpu"))
+    rows.sort(key=lambda r: (r["fold"], r["slide_id"]))
+    assert [r["slide_id"] for r in rows] == stored.column("slide_id").to_pylist()
+    np.testing.assert_array_equal([r["score"] for r in rows], stored.column("score").to_numpy())
+    assert fold_metrics(task, rows)["auroc"] > 0.8
 
 
 def test_run_directory(abmil_run, cohort):

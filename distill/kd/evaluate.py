@@ -6,12 +6,17 @@ cosine to every one of them: the raw cosine, the cosine of that mean-predictor b
 *centred* cosine cos(s − μ, t − μ) (μ the training mean), which is 0 for the baseline.
 
 Probes use weak tile labels: a slide's label broadcast to its tiles. A logistic-regression probe
-and a cosine kNN are fitted on the training slides' tiles and scored on the held-out slides'.
+and a cosine kNN are fitted on the training slides' tiles and scored on the held-out slides'. The
+probe's L2 strength is chosen per embedding by slide-grouped cross-validation on the training tiles:
+a fixed one favours whichever embedding it happens to suit (a 1280-d teacher fitted on a few hundred
+weakly labelled tiles overfits at the strength that suits a 576-d student), and a probe must not
+decide which representation wins.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +46,9 @@ def cosine_to_teacher(student: np.ndarray, teacher: np.ndarray, train_mean: np.n
     return Cosine(cos(student, teacher), cos(student - train_mean, teacher - train_mean), cos(baseline, teacher))
 
 
+PROBE_WEIGHT_DECAYS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *, weight_decay: float = 1e-2,
                  steps: int = 100) -> np.ndarray:
     """Class probabilities of a class-balanced multinomial logistic regression (L-BFGS on standardised features)."""
@@ -66,6 +74,40 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *
         return torch.softmax(linear(torch.from_numpy(((test_x - mu) / sd).astype(np.float32))), 1).numpy()
 
 
+def grouped_folds(groups: np.ndarray, y: np.ndarray, k: int = 5) -> list[np.ndarray]:
+    """Validation masks of up to ``k`` folds that keep each group (slide) whole, groups dealt by label so
+    that every fold's training part sees every class whenever the groups allow it."""
+    names = np.unique(groups)
+    label_of = {g: int(np.bincount(y[groups == g]).argmax()) for g in names}
+    order = sorted(names, key=lambda g: (label_of[g], str(g)))
+    k = min(k, len(order))
+    fold_of = {g: i % k for i, g in enumerate(order)}
+    fold = np.array([fold_of[g] for g in groups])
+    return [fold == i for i in range(k)]
+
+
+def choose_weight_decay(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                        candidates: Sequence[float] = PROBE_WEIGHT_DECAYS) -> float:
+    """The candidate L2 strength with the lowest class-balanced out-of-fold cross-entropy over
+    slide-grouped folds of the training tiles (the first candidate when no fold can be scored)."""
+    n_classes = int(y.max()) + 1
+    folds = [m for m in grouped_folds(groups, y) if len(np.unique(y[~m])) == n_classes and m.any()]
+    if not folds:
+        return candidates[0]
+    counts = np.bincount(y, minlength=n_classes)
+    weight = (len(y) / (n_classes * np.maximum(counts, 1)))[y]
+    losses = []
+    for wd in candidates:
+        nll = np.zeros(len(y))
+        scored = np.zeros(len(y), bool)
+        for val in folds:
+            probs = linear_probe(x[~val], y[~val], x[val], weight_decay=wd)
+            nll[val] = -np.log(np.clip(probs[np.arange(len(probs)), y[val]], 1e-12, None))
+            scored |= val
+        losses.append(float((weight * nll)[scored].sum() / weight[scored].sum()))
+    return candidates[int(np.argmin(losses))]
+
+
 def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int = 10) -> np.ndarray:
     """Majority class of the ``k`` nearest training tiles by cosine (ties to the lower class)."""
     a = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
@@ -76,13 +118,17 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k:
     return votes.argmax(1)
 
 
-def probe_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict:
-    """Linear-probe AUROC (binary) and balanced accuracy, kNN balanced accuracy, and the predictions."""
-    probs = linear_probe(train_x, train_y, test_x)
+def probe_scores(train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray) -> dict:
+    """Linear-probe AUROC (binary) and balanced accuracy with its cross-validated L2 strength, kNN
+    balanced accuracy, and the predictions. ``train_groups`` (the tiles' slides) keep CV folds whole."""
+    weight_decay = choose_weight_decay(train_x, train_y, train_groups)
+    probs = linear_probe(train_x, train_y, test_x, weight_decay=weight_decay)
     knn = knn_predict(train_x, train_y, test_x)
     out = {"linear_balanced_accuracy": M.balanced_accuracy(test_y, probs.argmax(1)),
            "knn_balanced_accuracy": M.balanced_accuracy(test_y, knn),
-           "linear_auroc": M.auroc(test_y, probs[:, 1]) if probs.shape[1] == 2 else M.auroc_ovr(test_y, probs)}
+           "linear_auroc": M.auroc(test_y, probs[:, 1]) if probs.shape[1] == 2 else M.auroc_ovr(test_y, probs),
+           "linear_weight_decay": weight_decay}
     return {"metrics": out, "linear": probs.argmax(1), "knn": knn}
 
 

@@ -51,6 +51,16 @@ def markdown(report: dict[str, Any]) -> str:
     agree = ev["probe"].get("agreement") or {}
     lines.append(f"| probe agreement student vs teacher (linear / kNN) | {_fmt(agree.get('linear'))} / "
                  f"{_fmt(agree.get('knn'))} |")
+    down = ev.get("downstream") or {}
+    if "student" in down:
+        metric = down["metric"]
+        lines += ["", f"Downstream: {down['head']} on {down['task']}, {down['folds']}-fold cross-validation over "
+                  f"{down['slides']} slides, same splits for both.", "",
+                  f"| slide embeddings | {metric} | balanced accuracy |", "|---|---|---|"]
+        lines += [f"| {who} | {_fmt(down[who].get(metric))} | {_fmt(down[who].get('balanced_accuracy'))} |"
+                  for who in ("student", "teacher")]
+    elif down:
+        lines += ["", f"Downstream MIL skipped: {down['skipped']}"]
     lines += ["", "| | parameters | GFLOPs / tile | tiles/s |", "|---|---|---|---|"]
     for who in ("student", "teacher"):
         c = cost[who]

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from distill.data import ArrayBags, BagReader
 from distill.errors import ConfigError, RunDirError
 from distill.kd import evaluate as E
 from distill.kd.data import (
@@ -53,6 +54,8 @@ from distill.kd.objectives import (
 )
 from distill.kd.report import write_report
 from distill.kd.students import Student, create_student, export_encoder, save_student
+from distill.tasks import TaskSpec
+from distill.train import TrainConfig, cross_validate, fold_metrics, load_cohort
 from featurestore.store import Store
 from schemas import EmbeddingSet, TilingSpec
 
@@ -73,7 +76,9 @@ class DistillConfig:
     The from-scratch baselines (``supervised``, ``simsiam``) use their teacher only to pair tiles and to
     be evaluated against it. ``standardize`` trains against
     centred, scaled targets (``TargetScaling``). ``split_seed`` draws the held-out patients apart from
-    ``seed``, so runs with different seeds are measured on the same slides.
+    ``seed``, so runs with different seeds are measured on the same slides. ``downstream_folds``
+    (0: skip) cross-validates ``fs train``'s default ABMIL head on ``label`` over every slide, once
+    on the student's embeddings of the cached pixels and once on the primary teacher's bags.
     """
 
     store: Path
@@ -101,6 +106,7 @@ class DistillConfig:
     cache_gb: float = 4.0
     standardize: bool = True
     probe_tiles: int = 20000
+    downstream_folds: int = 3
     measure_speed: bool = True
     name: str | None = None
 
@@ -114,6 +120,7 @@ class DistillConfig:
                   (self.input_size >= 16, "--input-size must be >= 16"), (self.lr > 0, "--lr must be > 0"),
                   (0 < self.holdout < 1, "--holdout must be in (0, 1)"), (self.region >= 2, "--region must be >= 2"),
                   (self.tiles_per_slide >= 0 and self.cache_gb > 0, "--tiles-per-slide >= 0 and --cache-gb > 0"),
+                  (self.downstream_folds == 0 or self.downstream_folds >= 2, "--downstream-folds must be 0 or >= 2"),
                   (bool(self.teachers), "pass at least one --teacher (baselines use it only for evaluation)"),
                   (self.objective != "logit" or self.teacher_head is not None,
                    "--objective logit needs --teacher-head (a linear head file or an fs train run directory)")]
@@ -377,10 +384,11 @@ def _run_pass(student: Student, objective: Objective, data: CachedTiles, plan: l
 
 
 def _embed(encoder: nn.Module, data: CachedTiles, plan: list[np.ndarray], spec, device: torch.device,
-           primary: str | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Exported-encoder embeddings, primary-teacher targets and weak labels of ``plan``'s tiles (no augmentation)."""
+           primary: str | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Exported-encoder embeddings, primary-teacher targets, weak labels and slide indices of ``plan``'s
+    tiles (no augmentation)."""
     encoder.eval()
-    emb, teacher, labels = [], [], []
+    emb, teacher, labels, slides = [], [], [], []
     amp = amp_dtype(device)
     for batch in data.iterate(plan, augment=None, seed=0):
         batch = batch.to(device)
@@ -390,15 +398,17 @@ def _embed(encoder: nn.Module, data: CachedTiles, plan: list[np.ndarray], spec, 
         if primary is not None:
             teacher.append(_primary_target(batch, primary).float().cpu().numpy())
         labels.append(batch.labels.cpu().numpy())
-    return np.concatenate(emb), np.concatenate(teacher) if teacher else None, np.concatenate(labels)
+        slides.append(batch.slide.cpu().numpy())
+    return (np.concatenate(emb), np.concatenate(teacher) if teacher else None, np.concatenate(labels),
+            np.concatenate(slides))
 
 
-def _probe(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> dict | None:
-    (x_tr, y_tr), (x_te, y_te) = train, test
+def _probe(train: tuple[np.ndarray, np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> dict | None:
+    (x_tr, y_tr, g_tr), (x_te, y_te) = train, test
     keep_tr, keep_te = y_tr >= 0, y_te >= 0
     if len(np.unique(y_tr[keep_tr])) < 2 or len(np.unique(y_te[keep_te])) < 2:
         return None
-    return E.probe_scores(x_tr[keep_tr], y_tr[keep_tr], x_te[keep_te], y_te[keep_te])
+    return E.probe_scores(x_tr[keep_tr], y_tr[keep_tr], g_tr[keep_tr], x_te[keep_te], y_te[keep_te])
 
 
 def _stage_one_tiles_per_s(store: Store, es: EmbeddingSet) -> float | None:
@@ -524,6 +534,8 @@ def _distill(cfg: DistillConfig, run_dir: Path, run_id: str, say: Progress) -> d
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in objective.state_dict().items()},
               run_dir / "objective.safetensors")
     evaluation = _evaluate(encoder, spec, train, heldout, units_per_batch, cfg, device, primary, classes)
+    evaluation["downstream"] = _downstream(encoder, spec, store, sets[0], pixel_tiling, slide_ids, labels, cfg,
+                                           device, say)
     cost = _cost(encoder, spec, sets, store, device, cfg)
     gflops = [cost["teacher"]["flops_by_teacher"][n] for n in cfg.teachers]
     config = cfg.to_dict() | {"run_id": run_id, "train_slides": train_ids, "heldout_slides": heldout_ids,
@@ -553,19 +565,59 @@ def _evaluate(encoder: nn.Module, spec, train: CachedTiles, heldout: CachedTiles
     encoder.to(device)
     test_plan = sequential_plan([len(u) for u in heldout.units], batch)
     train_plan = _subset([len(u) for u in train.units], cfg.probe_tiles, batch, cfg.seed)
-    s_test, t_test, y_test = _embed(encoder, heldout, test_plan, spec, device, primary)
-    s_train, t_train, y_train = _embed(encoder, train, train_plan, spec, device, primary)
+    s_test, t_test, y_test, _ = _embed(encoder, heldout, test_plan, spec, device, primary)
+    s_train, t_train, y_train, g_train = _embed(encoder, train, train_plan, spec, device, primary)
     projected = s_test.shape[1] == t_test.shape[1] and encoder.projection is not None
     cosine = E.cosine_to_teacher(s_test, t_test, t_train.mean(0)) if projected else None
     out: dict[str, Any] = {"heldout_tiles": len(y_test), "probe_train_tiles": len(y_train), "classes": classes,
                            "cosine": asdict(cosine) if cosine else {"mean": None, "centred": None,
                                                                     "mean_baseline": None}, "probe": {}}
-    student_probe = _probe((s_train, y_train), (s_test, y_test))
-    teacher_probe = _probe((t_train, y_train), (t_test, y_test))
+    student_probe = _probe((s_train, y_train, g_train), (s_test, y_test))
+    teacher_probe = _probe((t_train, y_train, g_train), (t_test, y_test))
     if student_probe and teacher_probe:
         out["probe"] = {"student": student_probe["metrics"], "teacher": teacher_probe["metrics"],
                         "agreement": {"linear": float(np.mean(student_probe["linear"] == teacher_probe["linear"])),
                                       "knn": float(np.mean(student_probe["knn"] == teacher_probe["knn"]))}}
+    return out
+
+
+def _downstream(encoder: nn.Module, spec, store: Store, teacher: EmbeddingSet, pixel_tiling: TilingSpec,
+                slide_ids: list[str], labels: dict[str, int], cfg: DistillConfig, device: torch.device,
+                say: Progress) -> dict[str, Any]:
+    """Slide-level MIL on the student's bags vs the teacher's, same splits, seeds and head initialisation.
+
+    Tile probes ask whether the student kept the teacher's information; this asks whether it can
+    replace the teacher where the embeddings are used: ``fs train``'s ABMIL on the slide label.
+    Every slide takes part (the tile hold-out does not apply: the heads are cross-validated), and
+    the student embeds every cached tile of the pixel tiling, so an XMAG student is compared on
+    its own coarser bags.
+    """
+    if not cfg.downstream_folds or not cfg.label:
+        return {"skipped": "--downstream-folds 0" if cfg.label else "no --label"}
+    tiles = CachedTiles(store, [teacher], pixel_tiling, slide_ids, labels, input_size=cfg.input_size,
+                        cache_bytes=int(cfg.cache_gb * 2**30))
+    emb, _, _, slide = _embed(encoder, tiles, sequential_plan(tiles.n_tiles, cfg.batch_size), spec, device, None)
+    xy = {}
+    for sid in slide_ids:
+        table = store.read_tiles(sid, pixel_tiling.id)
+        xy[sid] = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], 1)
+    student_bags = ArrayBags(cfg.name or f"student:{cfg.out.name}", {s: emb[slide == i] for i, s in
+                                                                     enumerate(slide_ids)}, xy)
+    train_cfg = TrainConfig(store=cfg.store, model=teacher.encoder_name, task=TaskSpec("classification", cfg.label),
+                            out=cfg.out, folds=cfg.downstream_folds, group=cfg.group, device=cfg.device,
+                            cache_gb=cfg.cache_gb, bootstrap=0, heatmaps=0)
+    try:
+        cohort = load_cohort(store, student_bags, train_cfg.task, cfg.group, None)
+        out: dict[str, Any] = {"task": f"classification of {cfg.label!r}", "head": train_cfg.head.name,
+                               "folds": cfg.downstream_folds, "slides": len(cohort.slide_ids)}
+        for who, bags in (("student", student_bags), ("teacher", BagReader(store, teacher))):
+            task, rows = cross_validate(train_cfg, bags, cohort, device)
+            out[who] = fold_metrics(task, rows)
+            out["metric"] = task.primary
+    except ConfigError as err:
+        return {"skipped": str(err)}
+    say(f"downstream {train_cfg.head.name} ({cfg.downstream_folds}-fold {out['metric']}): student "
+        f"{out['student'][out['metric']]:.3f}, teacher {out['teacher'][out['metric']]:.3f}")
     return out
 
 
