@@ -64,6 +64,8 @@ def distill_slides_command(
     hidden: Annotated[int, typer.Option(help="ABMIL projection width.")] = 128,
     attention_dim: Annotated[int, typer.Option(help="ABMIL attention width.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Bags per step.")] = 8,
+    standardise: Annotated[bool, typer.Option(help="Z-score tiles with the training split's per-feature moments.")]
+    = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     out: Annotated[Path | None, typer.Option(help="Run directory for config, metrics and predictions.")] = None,
 ) -> None:
@@ -88,7 +90,7 @@ def distill_slides_command(
                              soft_query=soft_query, weight=weight, margin=margin, temperature=temperature, gap=gap,
                              hard_negatives=hard_negatives, head=HeadConfig("abmil", hidden, attention_dim),
                              folds=folds, seeds=seeds, group=None if group.lower() == "none" else group,
-                             epochs=epochs, batch_size=batch_size, device=device)
+                             epochs=epochs, batch_size=batch_size, standardise=standardise, device=device)
     if sweep_margin or sweep_weight:
         rows = sweep(cfg, tuple(sweep_margin or [margin]), tuple(sweep_weight or [weight]))
         view = Table("margin", "λ", *list(rows[0])[2:], title="validation sweep (test folds unused)")

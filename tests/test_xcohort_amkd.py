@@ -6,11 +6,16 @@ signal tiles shifted along a fixed direction by s = ρ c + √(1 − ρ²) ε wi
 show c only partly. The omics vector is (c + noise, noise, noise); a fifth of the patients have no
 omics at all. The teacher sees both, the student only tiles.
 
-Measured (3 seeds, 3 folds, 90 patients, pooled held-out C-index): teacher 0.713 / 0.710 / 0.717,
-the same teacher with the test patients' omics removed 0.623 / 0.637 / 0.632, pathology-only
-baseline 0.546 / 0.689 / 0.542, distilled student 0.507 / 0.711 / 0.528. The distilled student did
-NOT beat the baseline on average (nor with 150 patients: 0.617 vs 0.640), so that is not asserted;
-what holds is asserted: the teacher uses the omics, and patients without omics are scored.
+Measured (5 seeds, 3 folds, 90 patients, pooled held-out C-index): teacher 0.713 / 0.710 / 0.717 /
+0.773 / 0.685, the same teacher with the test patients' omics removed 0.623 / 0.637 / 0.632 / 0.681 /
+0.560, pathology-only baseline 0.546 / 0.689 / 0.542 / 0.692 / 0.569 (mean 0.608), distilled student
+0.575 / 0.711 / 0.626 / 0.696 / 0.609 (mean 0.643): better on every seed, Wilcoxon p = 0.0625 (the
+smallest two-sided p five pairs allow).
+
+Before, the student kept the epoch with the lowest validation *Cox* loss on ~12 patients, a criterion
+so noisy that some splits kept epoch 0; it matched the baseline (0.582 vs 0.592 over 3 seeds). Now
+each model keeps the epoch where its own training objective (Cox + λ·KD for the student) is lowest on
+the validation patients, whose teacher risks are out of sample (docs/amkd.md).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typer.testing import CliRunner
 
 from cli.xcohort import register
 from distill.errors import ConfigError
-from distill.xcohort import AmkdConfig, amkd
+from distill.xcohort import AmkdConfig, amkd, wilcoxon_p
 from featurestore.store import SlideCommit, Store, tiles_table
 from schemas import TilingSpec
 from tests.conftest import make_encoder, make_slide
@@ -69,16 +74,17 @@ def survival_store(tmp_path_factory) -> Path:
     return root / "store"
 
 
-def test_teacher_uses_omics_and_falls_back_without_them(survival_store):
+def test_distilled_student_beats_pathology_baseline_and_teacher_falls_back(survival_store):
     result = amkd(AmkdConfig(survival_store, "synth", "months", "event", ("gene_a", "gene_b", "gene_c"),
-                             seeds=3, epochs=30))
+                             seeds=5, epochs=30))
+    p = wilcoxon_p(np.array(result.student), np.array(result.baseline))
     print(f"\nC-index per seed: teacher {np.round(result.teacher, 3)}, teacher without omics "
           f"{np.round(result.teacher_no_omics, 3)}, baseline {np.round(result.baseline, 3)}, "
-          f"distilled {np.round(result.student, 3)}")
+          f"distilled {np.round(result.student, 3)}; Wilcoxon distilled vs baseline p = {p:.3g}")
     assert np.all(np.isfinite(result.teacher_no_omics)), "patients without omics are scored through the fallback"
     assert np.mean(result.teacher) > np.mean(result.teacher_no_omics) > 0.55
     assert np.mean(result.teacher) > np.mean(result.baseline)
-    assert np.all(np.isfinite(result.student))
+    assert np.mean(result.student) > np.mean(result.baseline)
 
 
 def test_omics_from_a_parquet_file_and_missing_rows(survival_store, tmp_path):

@@ -88,14 +88,17 @@ def test_bank_from_another_store_by_sql(cohorts):
 
 
 def test_triplet_vs_task_only_vs_clip_over_seeds(cohorts):
-    """Measured on this fixture (5 seeds, 3 folds, pooled out-of-fold AUROC of grade >= 3):
-    task-only 0.762 / 0.905 / 0.844 / 0.701 / 0.857 (mean 0.814), triplet 0.749 / 0.909 / 0.727 / 0.710 /
-    0.844 (0.788), CLIP 0.667 / 0.818 / 0.558 / 0.723 / 0.766 (0.706); Wilcoxon triplet vs task p = 0.25,
-    CLIP vs task p = 0.125.
+    """Measured on this fixture (5 seeds, 3 folds, pooled out-of-fold AUROC of grade >= 3, defaults λ = 1,
+    margin 0.2 — not tuned on these folds): task-only 0.991 / 0.766 / 0.970 / 0.970 / 0.939 (mean 0.927),
+    triplet 0.991 / 0.771 / 0.974 / 0.970 / 0.957-0.961 (0.932-0.933), CLIP 0.991 / 0.779-0.784 / 0.974 /
+    0.974 / 0.952-0.970 (0.934-0.939); Wilcoxon triplet vs task p = 0.25 (three non-zero differences,
+    all positive), CLIP vs task p = 0.125. The ranges are run-to-run float noise of the auxiliary
+    objectives (the task-only student repeats exactly).
 
-    Triplet distillation did not beat the task-only student here; what held over repeated runs is
-    that all three learn the task and the triplet student stays ahead of the CLIP-style one, whose
-    same-label "negatives" are false negatives in unpaired data (GUIDE-US's argument).
+    The triplet student beats the task-only one on average and on no seed loses; the gain is small and
+    not significant with 5 seeds, and CLIP did as well or better here. Before tiles were standardised
+    (``SlideDistillConfig.standardise``) every student was under-trained — task 0.814, triplet 0.788,
+    CLIP 0.706 — and the auxiliary terms only slowed the task (docs/amkd.md, "Cross-cohort triplet").
     """
     results = compare_objectives(config(cohorts, seeds=SEEDS))
     auroc = {name: r.primary_per_seed() for name, r in results.items()}
@@ -104,8 +107,8 @@ def test_triplet_vs_task_only_vs_clip_over_seeds(cohorts):
     print("\nheld-out AUROC per seed: " + "; ".join(f"{k} {np.round(v, 3)} mean {v.mean():.3f}"
                                                    for k, v in auroc.items())
           + f"; Wilcoxon triplet vs task p = {p_triplet:.3g}, clip vs task p = {p_clip:.3g}")
-    assert all(v.mean() > 0.65 for v in auroc.values()), auroc
-    assert auroc["triplet"].mean() > auroc["clip"].mean()
+    assert all(v.mean() > 0.85 for v in auroc.values()), auroc
+    assert auroc["triplet"].mean() > auroc["task"].mean()
 
     task = results["task"]
     ids, probs, k = ensemble_predictions(task.predictions)
@@ -153,9 +156,10 @@ def test_soft_labels_hard_negatives_sweep_and_cli(cohorts, tmp_path):
         "distill-slides", "-s", str(cohorts.b), "-m", "test/tiny-cnn", "--label", "high_grade",
         "--objective", "clip", "--bank-store", str(cohorts.a), "--bank", BANK_SQL, "--bank-label", "grade",
         "--anchor-label", "grade", "--seeds", "2", "--folds", "2", "--epochs", "2", "--compare", "--device", "cpu",
-        "--out", str(tmp_path / "clip")])
+        "--no-standardise", "--out", str(tmp_path / "clip")])
     assert run.exit_code == 0, run.output
     assert "Wilcoxon" in run.output and (tmp_path / "clip" / "predictions.parquet").is_file()
+    assert json.loads((tmp_path / "clip" / "config.json").read_text())["standardise"] is False
     bad = CliRunner().invoke(app, [
         "distill-slides", "-s", str(cohorts.b), "-m", "test/tiny-cnn", "--label", "high_grade",
         "--bank-store", str(cohorts.a), "--bank", "SELECT e.embedding FROM slide_emb_efficientnet_lite0 e",
