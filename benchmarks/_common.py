@@ -19,6 +19,18 @@ def best_of(fn: Callable[[], Any], repeats: int = 3) -> float:
     return min(times)
 
 
+def best_of_interleaved(variants: dict[str, Callable[[], Any]], repeats: int = 3) -> dict[str, float]:
+    """Fastest wall time of each variant over ``repeats`` rounds, every round running all variants in an
+    order that alternates (forward, then reversed): a busy spell on shared cores, a warming page cache or
+    a turbo clock then hits every variant alike instead of whichever ran in that stretch."""
+    best = dict.fromkeys(variants, float("inf"))
+    names = list(variants)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            best[name] = min(best[name], best_of(variants[name], repeats=1))
+    return best
+
+
 def row(benchmark: str, case: str, value: float, unit: str, *, ratio: float | None = None, vs: str = "",
         target: str = "", note: str = "") -> dict[str, Any]:
     """One line of the results table; ``ratio`` compares ``value`` with the ``vs`` variant in the same run."""

@@ -4,9 +4,16 @@
 
 Raw OpenSlide is ``OpenSlide.read_region`` per tile (on a thread pool of the same size) plus the
 RGBA→RGB copy every user needs; raw cuCIM is one multi-location ``CuImage.read_region`` call with
-``num_workers``. Ours is ``read_tiles`` on the same precomputed grid through ``open_slide``
-(padding, batching, the uint8 copy out of cuCIM's reused buffers). Every variant opens the slide
-inside the timed call. Target: ours within 5 % of the fastest raw backend (ratio ≥ 0.95).
+``num_workers``, each batch copied into one array of all tiles. Every variant ends holding the
+tiles (discarding each batch instead made raw cuCIM 5-8 % faster on a 1296-tile list: the page
+faults of a 195 MB output, which ours and raw OpenSlide pay). Ours is ``read_tiles`` on the same
+precomputed grid through ``open_slide`` (padding, batching, the uint8 copy out of cuCIM's reused
+buffers). Every variant opens the slide inside the timed call.
+
+Variants run in interleaved rounds (``best_of_interleaved``). Timed one after another (best of 3)
+on shared cores, ours read 0.93-0.94 of raw cuCIM, a gap that profiling put in the timing, not in
+the reader (its open and padding cost < 1 %). Target: ours within 5 % of the fastest raw backend
+(ratio ≥ 0.95).
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import best_of, row
+from benchmarks._common import best_of_interleaved, row
 from featurestore.slides import open_slide, read_tiles, tile_grid
 from featurestore.slides.tiling import TileGrid
 from schemas import TilingSpec
 
 REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+REPEATS = 9
+"""Rounds of every variant: a read of ~100 tiles takes ~0.1 s, so single runs sit within the cores' noise."""
 TILING = TilingSpec(target_mpp=0.5, tile_size=224, tissue_method="none", min_tissue=0.0, edge="drop")
 
 
@@ -53,8 +62,11 @@ def _raw_cucim(path: Path, locs: list[tuple[int, int]], size: int, workers: int)
     from featurestore.slides._cucim import import_cuimage
 
     img = import_cuimage()(str(path))
+    out, i = np.empty((len(locs), size, size, 3), np.uint8), 0
     for batch in img.read_region(locs, (size, size), 0, num_workers=workers, batch_size=min(32, len(locs))):
-        np.asarray(batch).copy()
+        arr = np.asarray(batch).reshape(-1, size, size, 3)
+        out[i:i + len(arr)] = arr
+        i += len(arr)
 
 
 def _ours(path: Path, reader: str, grid: TileGrid, workers: int) -> None:
@@ -79,7 +91,8 @@ def run(quick: bool) -> list[dict]:
             with open_slide(path, "openslide") as r:
                 grid = tile_grid(r, TILING, None, mpp=r.mpp[0] if r.mpp else 0.5)
             for workers in (1, 2):
-                rate = {v: len(grid) / best_of(fn) for v, fn in _variants(path, grid, workers).items()}
+                seconds = best_of_interleaved(_variants(path, grid, workers), repeats=REPEATS)
+                rate = {v: len(grid) / s for v, s in seconds.items()}
                 fastest = max(("raw openslide", "raw cucim"), key=rate.get)
                 for variant, value in rate.items():
                     target = "≥ 0.95" if variant.startswith("ours") else ""

@@ -315,7 +315,7 @@ def _primary_target(batch, primary: str) -> torch.Tensor:
 
 
 @dataclass
-class _Pass:
+class PassResult:
     """Sums of one pass over batches: loss terms, cosine to the primary teacher, targets consumed."""
 
     terms: dict[str, float] = field(default_factory=dict)
@@ -339,12 +339,13 @@ class _Pass:
         return self.cosine_sum / self.tiles if self.tiles else None
 
 
-def _run_pass(student: Student, objective: Objective, data: CachedTiles, plan: list[np.ndarray], *,
-              cfg: DistillConfig, device: torch.device, teacher_head: nn.Module | None, primary: str,
-              scaling: TargetScaling | None, optimizer: torch.optim.Optimizer | None = None,
-              scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-              scaler: torch.amp.GradScaler | None = None, seed: int = 0) -> _Pass:
-    """Train on (with ``optimizer``) or evaluate ``plan``'s batches; returns the pass's sums."""
+def run_pass(student: Student, objective: Objective, data: CachedTiles, plan: list[np.ndarray], *,
+             cfg: DistillConfig, device: torch.device, teacher_head: nn.Module | None, primary: str,
+             scaling: TargetScaling | None, optimizer: torch.optim.Optimizer | None = None,
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+             scaler: torch.amp.GradScaler | None = None, seed: int = 0) -> PassResult:
+    """Train on (with ``optimizer``) or evaluate ``plan``'s batches; returns the pass's sums. Public
+    for ``benchmarks/bench_distill.py``, which times this very loop against its alternatives."""
     training = optimizer is not None
     student.train(training)
     objective.train(training)
@@ -352,7 +353,7 @@ def _run_pass(student: Student, objective: Objective, data: CachedTiles, plan: l
     amp = amp_dtype(device)
     augment = cfg.augment if training else None
     projection = objective.export_projection()
-    result = _Pass()
+    result = PassResult()
     for batch in data.iterate(plan, augment=augment, seed=seed):
         batch = batch.to(device)
         x = to_student(batch.pixels, student.spec.mean, student.spec.std, augment=augment, generator=generator)
@@ -512,10 +513,10 @@ def _distill(cfg: DistillConfig, run_dir: Path, run_id: str, say: Progress) -> d
     scaling = TargetScaling({n: train.target_stats(n) for n in train.names}, device) if cfg.standardize else None
     common = {"cfg": cfg, "device": device, "teacher_head": teacher_head, "primary": primary, "scaling": scaling}
     for epoch in range(cfg.epochs):
-        fit = _run_pass(student, objective, train, sampler.epoch(epoch), optimizer=optimizer, scheduler=scheduler,
-                        scaler=scaler, seed=cfg.seed * 100003 + epoch, **common)
+        fit = run_pass(student, objective, train, sampler.epoch(epoch), optimizer=optimizer, scheduler=scheduler,
+                       scaler=scaler, seed=cfg.seed * 100003 + epoch, **common)
         target_tiles += fit.targets
-        check = _run_pass(student, objective, heldout, eval_plan, **common)
+        check = run_pass(student, objective, heldout, eval_plan, **common)
         history["train_loss"].append(fit.loss)
         history["train_terms"].append({k: v / fit.steps for k, v in fit.terms.items()})
         history["heldout_loss"].append(check.loss)

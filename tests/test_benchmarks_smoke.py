@@ -1,0 +1,38 @@
+"""The benchmark helpers whose mistakes would silently skew a reported ratio (nothing here is timed)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks._common import best_of_interleaved
+from benchmarks.bench_distill import _conv_backward_flops
+
+
+def _conv_flops(conv: torch.nn.Conv2d, fixed: bool) -> tuple[int, int]:
+    """(forward, backward) FLOPs of one conv, with torch's backward formula or the benchmark's."""
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops} if fixed else {}
+    x = torch.rand(2, conv.in_channels, 12, 12, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        conv(x).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    return counts[torch.ops.aten.convolution], counts[torch.ops.aten.convolution_backward]
+
+
+def test_conv_backward_flops_agree_with_torch_on_dense_convs() -> None:
+    conv = torch.nn.Conv2d(8, 16, 3)
+    assert _conv_flops(conv, fixed=True) == _conv_flops(conv, fixed=False)
+
+
+def test_depthwise_backward_is_two_forwards_not_channels_times_more() -> None:
+    conv = torch.nn.Conv2d(32, 32, 3, groups=32)
+    forward, backward = _conv_flops(conv, fixed=True)
+    assert backward == 2 * forward
+    assert _conv_flops(conv, fixed=False)[1] > 10 * forward  # torch's own formula ignores groups
+
+
+def test_best_of_interleaved_runs_every_variant_each_round_alternating() -> None:
+    calls: list[str] = []
+    best = best_of_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert set(best) == {"a", "b"} and all(t >= 0 for t in best.values())
