@@ -403,19 +403,20 @@ class Store:
 
     def iter_bags(self, es: EmbeddingSet) -> Iterator[tuple[str, pa.Table, np.ndarray]]:
         """Stream (slide_id, tiles, embeddings) for a whole embedding set, one slide in memory at a time."""
+        for slide_id, emb in self._iter_arrays(es):
+            yield slide_id, self.read_tiles(slide_id, es.tiling_id), emb
+
+    def _iter_arrays(self, es: EmbeddingSet) -> Iterator[tuple[str, np.ndarray]]:
         bags, _ = self._locations()
         for slide_id in sorted(sid for set_id, sid in bags if set_id == es.id):
-            emb = _arrays.open_array(self.root / COMMITS / bags[(es.id, slide_id)] / "emb" / es.id)[...]
-            yield slide_id, self.read_tiles(slide_id, es.tiling_id), emb
+            yield slide_id, _arrays.open_array(self.root / COMMITS / bags[(es.id, slide_id)] / "emb" / es.id)[...]
 
     def _row_shape(self, es: EmbeddingSet) -> tuple[int, ...]:
         return (es.embed_dim,) if es.views == 1 else (es.views, es.embed_dim)
 
-    def _embedding_view_factories(self):
-        factories = {}
-        for view, es in self.view_names().items():
-            factories[view] = (lambda es=es: self._embedding_reader(es), es.embed_dim)
-        return factories
+    def _embedding_view_factories(self) -> dict[str, tuple[_sql.StreamFactory, _sql.StreamFactory]]:
+        return {view: (lambda es=es: self._embedding_reader(es), lambda es=es: self._slide_mean_reader(es))
+                for view, es in self.view_names().items()}
 
     def _embedding_reader(self, es: EmbeddingSet) -> pa.RecordBatchReader:
         schema = pa.schema([("slide_id", pa.string()), ("tile_index", pa.int64()), ("tile_id", pa.int64()),
@@ -430,6 +431,22 @@ class Store:
                     [tiles.column("slide_id").combine_chunks(), tiles.column("tile_index").combine_chunks(),
                      tiles.column("tile_id").combine_chunks(), tiles.column("x").combine_chunks(),
                      tiles.column("y").combine_chunks(), flat], schema=schema)
+
+        return _sql.stream(batches(), schema)
+
+    def _slide_mean_reader(self, es: EmbeddingSet) -> pa.RecordBatchReader:
+        """One row per slide with tiles: their count and the float32 mean of their embeddings (view 0)."""
+        schema = pa.schema([("slide_id", pa.string()), ("n_tiles", pa.int64()),
+                            ("embedding", pa.list_(pa.float32(), es.embed_dim))])
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for slide_id, emb in self._iter_arrays(es):
+                if not len(emb):
+                    continue
+                mean = (emb[:, 0] if emb.ndim == 3 else emb).mean(0, dtype=np.float64).astype(np.float32)
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array([slide_id]), pa.array([len(emb)], pa.int64()),
+                     pa.FixedSizeListArray.from_arrays(pa.array(mean), es.embed_dim)], schema=schema)
 
         return _sql.stream(batches(), schema)
 
