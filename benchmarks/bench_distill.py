@@ -79,9 +79,9 @@ class Setup:
     def epoch(self, data: CachedTiles | _Online | _InMemory) -> None:
         """One training pass over ``plan`` through ``distill.kd.train.run_pass``."""
         run_pass(self.student, self.objective, data, self.plan, cfg=self.cfg, device=torch.device("cpu"),
-                  teacher_head=None, primary=TEACHER, scaling=self.scaling, optimizer=self.optimizer,
-                  scheduler=torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0),
-                  scaler=torch.amp.GradScaler("cuda", enabled=False), seed=1)
+                 teacher_head=None, primary=TEACHER, scaling=self.scaling, optimizer=self.optimizer,
+                 scheduler=torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0),
+                 scaler=torch.amp.GradScaler("cuda", enabled=False), seed=1)
 
 
 @dataclass
