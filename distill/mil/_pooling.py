@@ -8,14 +8,18 @@ from torch import Tensor
 from distill.mil.base import GatedAttention, HeadConfig, HeadOutput, MILHead, Readout, masked_softmax, projection
 
 
-class MeanPool(MILHead):
-    """Mean of projected tiles: every tile weighs 1/n."""
+class _Pooled(MILHead):
+    """Projection, a parameter-free pooling in ``forward``, readout: the two baselines' shared layers."""
 
     def __init__(self, in_dim: int, readout: Readout, cfg: HeadConfig, n_classes: int = 0) -> None:
         super().__init__(in_dim, readout, cfg, n_classes)
         self.embed_dim = cfg.hidden
         self.project = projection(in_dim, cfg)
         self.readout = readout(cfg.hidden)
+
+
+class MeanPool(_Pooled):
+    """Mean of projected tiles: every tile weighs 1/n."""
 
     def forward(self, x: Tensor, mask: Tensor, coords: Tensor | None = None,
                 labels: Tensor | None = None) -> HeadOutput:
@@ -24,14 +28,8 @@ class MeanPool(MILHead):
         return HeadOutput(self.readout(z), z, weights)
 
 
-class MaxPool(MILHead):
+class MaxPool(_Pooled):
     """Feature-wise max of projected tiles; a tile's attention is the share of features it supplies."""
-
-    def __init__(self, in_dim: int, readout: Readout, cfg: HeadConfig, n_classes: int = 0) -> None:
-        super().__init__(in_dim, readout, cfg, n_classes)
-        self.embed_dim = cfg.hidden
-        self.project = projection(in_dim, cfg)
-        self.readout = readout(cfg.hidden)
 
     def forward(self, x: Tensor, mask: Tensor, coords: Tensor | None = None,
                 labels: Tensor | None = None) -> HeadOutput:
