@@ -213,7 +213,7 @@ def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
             rows, hist = _run_split(sp, cfg, task, targets, cohort, reader, device, staging / "checkpoints")
             predictions += rows
             history += hist
-            metric = task.metrics(*_arrays(rows))[task.primary]
+            metric = fold_metrics(task, rows)[task.primary]
             say(f"seed {sp.seed} fold {sp.fold}: {len(sp.train)}/{len(sp.val)}/{len(sp.test)} slides, "
                 f"best epoch {hist[-1]['best_epoch']}, test {task.primary} {metric:.3f}")
         table = pa.Table.from_pylist(predictions, schema=report.PREDICTIONS_SCHEMA)

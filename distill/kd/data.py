@@ -187,7 +187,8 @@ class CachedTiles:
     ``k`` is 1 when the pixel tiling is the teacher tiling, else the number of teacher tiles per
     side of a pixel tile. ``region`` > 1 groups teacher tiles into region×region neighbourhoods
     (units of the sampler) for region-level relations. ``views`` is the fewest cached teacher views
-    among the teachers.
+    among the teachers. ``xy`` holds each slide's level-0 tile corners on the pixel tiling, in
+    tile_index order.
     """
 
     def __init__(self, store: Store, teacher_sets: Sequence[EmbeddingSet], pixel_tiling: TilingSpec,
@@ -211,10 +212,12 @@ class CachedTiles:
         mpp = {s.slide_id: s.mpp_x for s in store.slides()}
         self.units: list[np.ndarray] = []
         self.children: list[np.ndarray | None] = []
+        self.xy: list[np.ndarray] = []
         self.n_tiles: list[int] = []
         self.n_rows: list[int] = []
         for sid in self.slide_ids:
             pix_xy = self._xy(sid, pixel_tiling.id)
+            self.xy.append(pix_xy)
             self.n_tiles.append(len(pix_xy))
             stride = teacher_tiling.stride * teacher_tiling.target_mpp / mpp[sid]
             if self.k > 1:

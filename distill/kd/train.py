@@ -597,13 +597,10 @@ def _downstream(encoder: nn.Module, spec, store: Store, teacher: EmbeddingSet, p
         return {"skipped": "--downstream-folds 0" if cfg.label else "no --label"}
     tiles = CachedTiles(store, [teacher], pixel_tiling, slide_ids, labels, input_size=cfg.input_size,
                         cache_bytes=int(cfg.cache_gb * 2**30))
-    emb, _, _, slide = _embed(encoder, tiles, sequential_plan(tiles.n_tiles, cfg.batch_size), spec, device, None)
-    xy = {}
-    for sid in slide_ids:
-        table = store.read_tiles(sid, pixel_tiling.id)
-        xy[sid] = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], 1)
-    student_bags = ArrayBags(cfg.name or f"student:{cfg.out.name}", {s: emb[slide == i] for i, s in
-                                                                     enumerate(slide_ids)}, xy)
+    emb = _embed(encoder, tiles, sequential_plan(tiles.n_tiles, cfg.batch_size), spec, device, None)[0]
+    bags = np.split(emb, np.cumsum(tiles.n_tiles)[:-1])
+    student_bags = ArrayBags(cfg.name or f"student:{cfg.out.name}", dict(zip(slide_ids, bags, strict=True)),
+                             dict(zip(slide_ids, tiles.xy, strict=True)))
     train_cfg = TrainConfig(store=cfg.store, model=teacher.encoder_name, task=TaskSpec("classification", cfg.label),
                             out=cfg.out, folds=cfg.downstream_folds, group=cfg.group, device=cfg.device,
                             cache_gb=cfg.cache_gb, bootstrap=0, heatmaps=0)
