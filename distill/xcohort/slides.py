@@ -163,6 +163,34 @@ class _Prepared:
     anchor_bins: np.ndarray
     bank: TeacherBank | None
     soft: np.ndarray | None
+    tile_sums: _TileSums | None
+
+
+@dataclass(frozen=True)
+class _TileSums:
+    """Per-slide tile count, sum and sum of squares (float64, aligned with the cohort's slides): the
+    tile moments of any split without holding its tiles together or reading the bags again."""
+
+    n: np.ndarray
+    total: np.ndarray
+    squares: np.ndarray
+
+    @classmethod
+    def read(cls, reader: BagReader, slide_ids: list[str]) -> _TileSums:
+        n, total, squares = [], [], []
+        for sid in slide_ids:
+            tiles = reader.features(sid).astype(np.float64)
+            n.append(len(tiles))
+            total.append(tiles.sum(0))
+            squares.append((tiles**2).sum(0))
+        return cls(np.array(n), np.stack(total), np.stack(squares))
+
+    def moments(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature mean and sd (floored at 1e-6) of the tiles of slides ``rows``, as float32."""
+        count = self.n[rows].sum()
+        mean = self.total[rows].sum(0) / count
+        sd = np.sqrt(np.maximum(self.squares[rows].sum(0) / count - mean**2, 0.0))
+        return mean.astype(np.float32), np.maximum(sd, 1e-6).astype(np.float32)
 
 
 def distill_slides(cfg: SlideDistillConfig, out: Path | None = None) -> SlideDistillResult:
@@ -223,7 +251,8 @@ def _prepare(cfg: SlideDistillConfig) -> _Prepared:
     n = len(cohort.slide_ids)
     return _Prepared(cohort, reader, task, targets, splits,
                      anchors if anchors is not None else np.zeros(n, np.int64),
-                     bins if bins is not None else np.zeros(n, np.int64), bank, soft)
+                     bins if bins is not None else np.zeros(n, np.int64), bank, soft,
+                     _TileSums.read(reader, cohort.slide_ids) if cfg.standardise else None)
 
 
 def _column(cohort: Cohort, name: str, store: Store) -> np.ndarray:
@@ -319,7 +348,7 @@ def _run_split(cfg: SlideDistillConfig, prep: _Prepared, sp: Split,
     task = prep.task.fit(prep.targets[sp.train])
     head = build_head(cfg.head, prep.reader.es.embed_dim, task.readout, task.n_classes)
     if cfg.standardise:
-        head = _Standardised(head, *_tile_moments(prep.reader, [prep.cohort.slide_ids[r] for r in sp.train]))
+        head = _Standardised(head, *prep.tile_sums.moments(sp.train))
     head = head.to(device)
     aux = _Aux(cfg, prep, head.embed_dim, seed).to(device)
     ids = prep.cohort.slide_ids
@@ -350,11 +379,6 @@ class _Standardised(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, *args: Any) -> Any:
         return self.head((x - self.mean) / self.sd, mask, *args)
-
-
-def _tile_moments(reader: BagReader, slide_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    tiles = np.concatenate([reader.features(s) for s in slide_ids]).astype(np.float64)
-    return tiles.mean(0).astype(np.float32), np.maximum(tiles.std(0), 1e-6).astype(np.float32)
 
 
 def _fit(head: MILHead | _Standardised, aux: _Aux, task: Task, train_ds: BagDataset, val_ds: BagDataset | None,
