@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.mil.base import GatedAttention, HeadConfig, HeadOutput, MILHead, Readout, masked_softmax, projection
+from distill.mil._pooling import ABMIL
+from distill.mil.base import HeadConfig, HeadOutput, Readout, masked_softmax
 
 
-class ClamSB(MILHead):
+class ClamSB(ABMIL):
     """Single-branch CLAM.
 
     While training with bag labels, the k most attended tiles of a bag are pseudo-labelled positive
@@ -21,10 +22,6 @@ class ClamSB(MILHead):
 
     def __init__(self, in_dim: int, readout: Readout, cfg: HeadConfig, n_classes: int = 0) -> None:
         super().__init__(in_dim, readout, cfg, n_classes)
-        self.embed_dim = cfg.hidden
-        self.project = projection(in_dim, cfg)
-        self.attention = GatedAttention(cfg.hidden, cfg.attention_dim, cfg.dropout)
-        self.readout = readout(cfg.hidden)
         self.instance_classifiers = nn.ModuleList(nn.Linear(cfg.hidden, 2) for _ in range(n_classes))
         self.subtyping = n_classes > 2
 
