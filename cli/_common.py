@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -22,6 +23,13 @@ from schemas import FsError
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+warnings.showwarning = _one_line_warning
 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar="FS_STORE", help="Store directory (or $FS_STORE).")]
 

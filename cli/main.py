@@ -36,6 +36,9 @@ def info(store: StoreOpt) -> None:
     console.print(f"[bold]{s.path}[/bold]  {s.bytes_on_disk / 2**20:.1f} MiB on disk")
     console.print(f"slides {s.slides}  tiles {s.tiles}  labelled {s.labelled_slides}  failures {s.failures}"
                   + (f"  unfinished transactions {s.staging}" if s.staging else ""))
+    console.print(f"version {s.version}  commits since the last checkpoint {s.commits_since_checkpoint}")
+    for damage in s.damaged:
+        console.print(f"[red]damaged[/red]: {damage}; run `fs verify -s {s.path}`", highlight=False)
     if s.tilings:
         view = Table("tiling", "tile", "slides", "tiles", "pixels cached", title="tilings")
         for tiling_id, desc, n_slides, n_tiles, with_pixels in s.tilings:
@@ -198,9 +201,10 @@ def extract(
 
 def _register_subcommands() -> None:
     """Commands of the other packages, each module adding its own (kept out of this file's imports)."""
-    from cli import distill, search, train, xcohort
+    from cli import distill, maintenance, search, train, xcohort
 
     distill.register(app)
+    maintenance.register(app)
     search.register(app)
     train.register(app)
     xcohort.register(app)

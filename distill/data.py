@@ -9,31 +9,25 @@ run is reproducible whatever the order or the number of loader workers.
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import zarr
 from torch import Tensor
 from torch.utils.data import Dataset
-from zarr.storage import LocalStore
 
 from featurestore.store import Store
 from schemas import EmbeddingSet
-
-_HEX = re.compile(r"^[0-9a-f]+$")
 
 
 class BagReader:
     """Random access to the bags of one embedding set.
 
-    Locations come from the ``bags`` and ``slide_tilings`` views (latest commit wins); arrays and
-    tiles are then opened at the paths of the documented store layout (docs/store-format.md), so
-    a read costs a Zarr read instead of one DuckDB session per slide. Array handles are kept
-    (they hold metadata, not data) so later epochs skip re-opening.
+    The reader pins one store snapshot for its whole life, so a training run sees one version of
+    every bag even while an extraction commits. Array handles are kept (they hold metadata, not
+    data) so later epochs skip re-opening.
 
     ``cache_bytes`` > 0 keeps decoded bags (in their stored dtype) in a least-recently-used cache
     of that size: a small cohort is then read from disk once per run, a large one streams as
@@ -41,15 +35,12 @@ class BagReader:
     """
 
     def __init__(self, store: Store, es: EmbeddingSet, *, cache_bytes: int = 0) -> None:
-        if not (_HEX.match(es.id) and _HEX.match(es.tiling_id)):
-            raise ValueError(f"unexpected embedding set id {es.id!r}")
         self.store = store
+        self.snapshot = store.snapshot()
         self.es = es
-        rows = store.sql(
-            "SELECT b.slide_id, b.n_tiles, b.commit_id AS bag_commit, st.commit_id AS tile_commit FROM bags b "
-            f"JOIN slide_tilings st ON b.slide_id = st.slide_id AND st.tiling_id = '{es.tiling_id}' "
-            f"WHERE b.set_id = '{es.id}' ORDER BY b.slide_id").to_pylist()
-        self._where = {r["slide_id"]: (r["bag_commit"], r["tile_commit"], r["n_tiles"]) for r in rows}
+        rows = self.snapshot.sql("SELECT slide_id, n_tiles FROM bags WHERE set_id = ? ORDER BY slide_id",
+                                 [es.id]).to_pylist()
+        self._where = {r["slide_id"]: r["n_tiles"] for r in rows}
         self._arrays: dict[str, zarr.Array] = {}
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_budget = cache_bytes
@@ -68,7 +59,7 @@ class BagReader:
         return self.es.embed_dim
 
     def n_tiles(self, slide_id: str) -> int:
-        return self._location(slide_id)[2]
+        return self._location(slide_id)
 
     def features(self, slide_id: str, rows: np.ndarray | None = None) -> np.ndarray:
         """``(n, dim)`` float32 embeddings in tile_index order (view 0 of multi-view sets); ``rows`` selects tiles."""
@@ -79,8 +70,8 @@ class BagReader:
         else:
             array = self._arrays.get(slide_id)
             if array is None:
-                path = self.store.root / "commits" / self._location(slide_id)[0] / "emb" / self.es.id
-                array = self._arrays[slide_id] = zarr.open_array(LocalStore(path, read_only=True), mode="r")
+                self._location(slide_id)
+                array = self._arrays[slide_id] = self.snapshot.bag_array(self.es, slide_id)
             if self._cache_budget and array.nbytes <= self._cache_budget:
                 data = self._remember(slide_id, array[...])
                 data = data if rows is None else data[rows]
@@ -97,14 +88,11 @@ class BagReader:
 
     def xy(self, slide_id: str) -> np.ndarray:
         """``(n, 2)`` level-0 pixel coordinates (x, y) of the tiles' top-left corners, in tile_index order."""
-        _, tile_commit, _ = self._location(slide_id)
-        tiles = pq.read_table(self.store.root / "commits" / tile_commit / "tiles.parquet",
-                              columns=["tile_index", "x", "y"],
-                              filters=[("slide_id", "=", slide_id), ("tiling_id", "=", self.es.tiling_id)])
-        tiles = tiles.sort_by("tile_index")
+        self._location(slide_id)
+        tiles = self.snapshot.read_tiles(slide_id, self.es.tiling_id, columns=["x", "y"])
         return np.stack([tiles.column("x").to_numpy(), tiles.column("y").to_numpy()], 1)
 
-    def _location(self, slide_id: str) -> tuple[str, str, int]:
+    def _location(self, slide_id: str) -> int:
         try:
             return self._where[slide_id]
         except KeyError as err:

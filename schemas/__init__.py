@@ -9,6 +9,7 @@ from schemas.errors import (
     NotAStoreError,
     ReadOnlyError,
     SlideError,
+    StoreDamageError,
     StoreExistsError,
     StoreVersionError,
     UnknownEmbeddingSetError,
@@ -45,7 +46,7 @@ __all__ = [
     "SLIDE_EMBEDDINGS_SCHEMA", "TABLES", "Bag", "EmbeddingSet",
     "EncoderSpec", "Failure", "FsError",
     "InvalidRecordError", "LabelsError", "MissingMppError", "ModelError", "NotAStoreError",
-    "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "StoreExistsError",
+    "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "StoreDamageError", "StoreExistsError",
     "StoreVersionError", "Tile", "TilingSpec", "UnknownEmbeddingSetError", "arrow_schema",
     "from_row", "stored_schema", "tile_id", "to_row", "to_table",
 ]

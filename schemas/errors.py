@@ -51,3 +51,7 @@ class MissingMppError(SlideError):
 
 class ModelError(FsError, RuntimeError):
     """A teacher model cannot be built or its weights cannot be loaded."""
+
+
+class StoreDamageError(FsError, OSError):
+    """A file the store's log says was written is missing, short or fails its checksum."""

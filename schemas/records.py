@@ -15,8 +15,8 @@ from typing import ClassVar, Literal
 
 from schemas._record import Record, content_id, require, utcnow
 
-FORMAT_VERSION = 1
-"""Store format version written by this code; opening a newer store is refused."""
+FORMAT_VERSION = 2
+"""Store format version written by this code; newer stores are refused, older ones need `fs migrate`."""
 
 TissueMethod = Literal["otsu", "none"]
 EdgePolicy = Literal["pad", "drop"]

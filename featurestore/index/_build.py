@@ -38,7 +38,7 @@ from featurestore.index._manifest import (
     write_atomic,
     write_manifest,
 )
-from featurestore.store import Store
+from featurestore.store import Snapshot, Store
 from schemas import SLIDE_EMBEDDINGS_SCHEMA, EmbeddingSet, ReadOnlyError
 from schemas._record import utcnow
 
@@ -80,14 +80,15 @@ def first_view(emb: np.ndarray) -> np.ndarray:
     return emb[:, 0] if emb.ndim == 3 else emb
 
 
-def current_bags(store: Store, es: EmbeddingSet) -> tuple[BagVersion, ...]:
+def current_bags(store: Store | Snapshot, es: EmbeddingSet) -> tuple[BagVersion, ...]:
     rows = store.sql(f"SELECT slide_id, commit_id, n_tiles FROM bags WHERE set_id = {quote(es.id)} "
                      "ORDER BY slide_id").to_pylist()
     return tuple(BagVersion(r["slide_id"], r["commit_id"], r["n_tiles"]) for r in rows)
 
 
-def index_status(store: Store, model: str) -> tuple[Manifest | None, IndexStatus]:
+def index_status(store: Store | Snapshot, model: str) -> tuple[Manifest | None, IndexStatus]:
     """The set's index manifest (None when never built) and how the set has changed since."""
+    store = store.snapshot() if isinstance(store, Store) else store
     es = store.embedding_set(model)
     manifest = read_manifest(index_dir(store.root, es.id))
     return manifest, diff(manifest.bags if manifest else (), current_bags(store, es))
@@ -97,40 +98,38 @@ def _pool(vectors: np.ndarray) -> np.ndarray:
     return normalize(vectors.mean(axis=0, keepdims=True))[0]
 
 
-def _training_sample(store: Store, es: EmbeddingSet, bags: tuple[BagVersion, ...], size: int) -> np.ndarray:
+def _training_sample(snap: Snapshot, es: EmbeddingSet, bags: tuple[BagVersion, ...], size: int) -> np.ndarray:
     """A uniform random sample (fixed seed, so rebuilds are repeatable) of the set's unit vectors."""
     n = sum(b.n_tiles for b in bags)
     picks = np.sort(np.random.default_rng(0).choice(n, min(n, size), replace=False))
     starts = np.cumsum([0] + [b.n_tiles for b in bags])
     where = {b.slide_id: (starts[i], b.n_tiles) for i, b in enumerate(bags)}
     parts = []
-    for slide_id, _, emb in store.iter_bags(es):
-        if slide_id in where:
-            start, count = where[slide_id]
-            rows = picks[(picks >= start) & (picks < start + count)] - start
-            parts.append(normalize(first_view(emb)[rows[rows < emb.shape[0]]]))
+    for slide_id, (start, count) in where.items():
+        emb = snap.read_bag(es, slide_id)
+        rows = picks[(picks >= start) & (picks < start + count)] - start
+        parts.append(normalize(first_view(emb)[rows[rows < emb.shape[0]]]))
     return np.concatenate(parts)
 
 
-def _fill(store: Store, es: EmbeddingSet, index: faiss.Index, wanted: set[str],
+def _fill(snap: Snapshot, es: EmbeddingSet, index: faiss.Index, wanted: set[str],
           progress: Progress | None) -> list[tuple[str, np.ndarray, int]]:
     """Add the wanted slides' unit vectors under their tile ids; return (slide, pooled vector, tiles)."""
     pooled = []
-    for slide_id, tiles, emb in store.iter_bags(es):
-        if slide_id not in wanted:
-            continue
-        vectors = normalize(first_view(emb))
-        index.add_with_ids(vectors, tiles.column("tile_id").to_numpy())
+    for slide_id in sorted(wanted):
+        vectors = normalize(first_view(snap.read_bag(es, slide_id)))
+        ids = snap.read_tiles(slide_id, es.tiling_id, columns=["tile_id"]).column("tile_id").to_numpy()
+        index.add_with_ids(vectors, ids)
         pooled.append((slide_id, _pool(vectors), len(vectors)))
         if progress:
             progress(len(pooled), len(wanted))
     return pooled
 
 
-def _commit_pooled(store: Store, es: EmbeddingSet, bags: dict[str, BagVersion],
+def _commit_pooled(store: Store, snap: Snapshot, es: EmbeddingSet, bags: dict[str, BagVersion],
                    pooled: list[tuple[str, np.ndarray, int]]) -> None:
     """Commit pooled vectors not yet stored for these bag versions (a rebuild re-stores nothing)."""
-    stored = store.sql(f"SELECT slide_id, bag_commit_id FROM {POOLED_TABLE} WHERE set_id = ?", [es.id])
+    stored = snap.sql(f"SELECT slide_id, bag_commit_id FROM {POOLED_TABLE} WHERE set_id = ?", [es.id])
     have = set(zip(stored.column("slide_id").to_pylist(), stored.column("bag_commit_id").to_pylist(), strict=True))
     new = [(s, v, n) for s, v, n in pooled if (s, bags[s].commit_id) not in have]
     if not new:
@@ -170,10 +169,11 @@ def build_index(store: Store, model: str, *, kind: str | None = None, gpu: bool 
     t0 = time.perf_counter()
     if store.read_only:
         raise ReadOnlyError(f"{store.root}: store was opened read-only; building an index writes to it")
-    es = store.embedding_set(model)
+    snap = store.snapshot()
+    es = snap.embedding_set(model)
     directory = index_dir(store.root, es.id)
     old = read_manifest(directory)
-    current = current_bags(store, es)
+    current = current_bags(snap, es)
     if not current:
         raise IndexBuildError(f"{store.root}: embedding set {es.encoder_name} ({es.id}) has no slides yet; "
                               "add some with fs extract or fs import")
@@ -203,14 +203,14 @@ def build_index(store: Store, model: str, *, kind: str | None = None, gpu: bool 
     work, device = _faiss.on_device(index, use_gpu)
     if not work.is_trained:
         _check_trainable(params, n)
-        sample = _training_sample(store, es, current, params.nlist * TRAIN_POINTS_PER_LIST)
+        sample = _training_sample(snap, es, current, params.nlist * TRAIN_POINTS_PER_LIST)
         work.train(sample)
         trained_on = len(sample)
-    pooled = _fill(store, es, work, wanted, progress)
+    pooled = _fill(snap, es, work, wanted, progress)
     index = _faiss.to_cpu(work)
     indexed = tuple(sorted((old.bags if action == "extended" else ()) + tuple(bags[s] for s in wanted),
                            key=lambda b: b.slide_id))
-    _commit_pooled(store, es, bags, pooled)
+    _commit_pooled(store, snap, es, bags, pooled)
     file = f"{new_build_id()}.faiss"
     write_atomic(directory / file, lambda tmp: faiss.write_index(index, str(tmp)))
     now = utcnow().isoformat()
@@ -251,7 +251,7 @@ def _advice(m: Manifest) -> tuple[str, ...]:
 class TileIndex:
     """A loaded index that matched its embedding set when loaded; reuse it for many queries."""
 
-    def __init__(self, store: Store, es: EmbeddingSet, manifest: Manifest, index: faiss.Index) -> None:
+    def __init__(self, store: Snapshot, es: EmbeddingSet, manifest: Manifest, index: faiss.Index) -> None:
         self.store = store
         self.es = es
         self.manifest = manifest
@@ -309,8 +309,9 @@ class TileIndex:
                 np.array([r["n_tiles"] for r in ordered], np.int64))
 
 
-def load_index(store: Store, model: str) -> TileIndex:
+def load_index(store: Store | Snapshot, model: str) -> TileIndex:
     """The set's index, refusing to return one that no longer matches the set (``StaleIndexError``)."""
+    store = store.snapshot() if isinstance(store, Store) else store
     es = store.embedding_set(model)
     directory = index_dir(store.root, es.id)
     for _ in range(2):

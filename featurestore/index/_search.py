@@ -15,13 +15,13 @@ import pyarrow as pa
 
 from featurestore.index._build import TileIndex, first_view, load_index, quote
 from featurestore.index._errors import QueryError
-from featurestore.store import Store
+from featurestore.store import Snapshot, Store
 
 TILE_COLUMNS = ("rank", "score", "slide_id", "tile_id", "tile_index", "x", "y")
 SLIDE_COLUMNS = ("rank", "score", "slide_id", "n_tiles")
 
 
-def search(store: Store, model: str, *, tile_id: int | None = None, slide_id: str | None = None,
+def search(store: Store | Snapshot, model: str, *, tile_id: int | None = None, slide_id: str | None = None,
            vector: np.ndarray | list[float] | None = None, query_sql: str | None = None, k: int = 10,
            where: str | None = None, group_by: str | None = None) -> pa.Table:
     """Ranked nearest neighbours by cosine similarity, with label columns joined, as Arrow.
@@ -43,6 +43,7 @@ def search(store: Store, model: str, *, tile_id: int | None = None, slide_id: st
         raise QueryError(f"k must be >= 1, got {k}")
     if group_by not in (None, "slide"):
         raise QueryError(f"group_by {group_by!r} is not supported; use 'slide' or nothing")
+    store = store.snapshot() if isinstance(store, Store) else store
     index = load_index(store, model)
     if slide_id is not None:
         return _slide_search(store, index, slide_id, k, where)
@@ -56,7 +57,7 @@ def search(store: Store, model: str, *, tile_id: int | None = None, slide_id: st
     return _with_labels(store, hits.join(tiles, "tile_id").sort_by("rank").select(list(TILE_COLUMNS)))
 
 
-def _query_vector(store: Store, index: TileIndex, tile_id: int | None, vector,
+def _query_vector(store: Snapshot, index: TileIndex, tile_id: int | None, vector,
                   query_sql: str | None) -> np.ndarray:
     dim = index.es.embed_dim
     if tile_id is not None:
@@ -78,7 +79,7 @@ def _query_vector(store: Store, index: TileIndex, tile_id: int | None, vector,
     return q
 
 
-def _filter(store: Store, query: str, where: str, tables: str) -> pa.Table:
+def _filter(store: Snapshot, query: str, where: str, tables: str) -> pa.Table:
     try:
         return store.sql(query)
     except duckdb.Error as err:
@@ -86,7 +87,7 @@ def _filter(store: Store, query: str, where: str, tables: str) -> pa.Table:
                          f"{tables}, e.g. \"l.label = 1 AND s.mpp_x < 0.3\"") from err
 
 
-def allowed_tiles(store: Store, index: TileIndex, where: str) -> np.ndarray:
+def allowed_tiles(store: Snapshot, index: TileIndex, where: str) -> np.ndarray:
     """Tile ids of the indexed set satisfying ``where`` (SQL over ``tiles t``, ``slides s``, ``labels l``)."""
     es = index.es
     query = ("SELECT t.tile_id FROM tiles t JOIN slides s USING (slide_id) "
@@ -95,20 +96,20 @@ def allowed_tiles(store: Store, index: TileIndex, where: str) -> np.ndarray:
     return _filter(store, query, where, "tiles t, slides s and labels l").column("tile_id").to_numpy()
 
 
-def allowed_slides(store: Store, where: str) -> set[str]:
+def allowed_slides(store: Snapshot, where: str) -> set[str]:
     """Slide ids satisfying ``where`` (SQL over ``slides s`` and ``labels l``)."""
     query = f"SELECT s.slide_id FROM slides s LEFT JOIN labels l USING (slide_id) WHERE ({where})"
     return set(_filter(store, query, where, "slides s and labels l").column("slide_id").to_pylist())
 
 
-def _tiles(store: Store, index: TileIndex, ids: np.ndarray) -> pa.Table:
+def _tiles(store: Snapshot, index: TileIndex, ids: np.ndarray) -> pa.Table:
     """slide_id, tile_index, x, y of tiles by id (order not kept)."""
     listed = ", ".join(str(int(i)) for i in ids) or "NULL"
     return store.sql(f"SELECT tile_id, slide_id, tile_index, x, y FROM tiles "
                      f"WHERE tiling_id = {quote(index.es.tiling_id)} AND tile_id IN ({listed})")
 
 
-def _best_per_slide(store: Store, index: TileIndex, q: np.ndarray, k: int,
+def _best_per_slide(store: Snapshot, index: TileIndex, q: np.ndarray, k: int,
                     allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Each slide's best tile, top ``k`` slides: fetch more tiles until k slides appear or none are left."""
     total = index.manifest.n_vectors if allowed is None else len(np.unique(allowed))
@@ -128,7 +129,7 @@ def _best_per_slide(store: Store, index: TileIndex, q: np.ndarray, k: int,
     return scores[keep], ids[keep]
 
 
-def _slide_search(store: Store, index: TileIndex, slide_id: str, k: int, where: str | None) -> pa.Table:
+def _slide_search(store: Snapshot, index: TileIndex, slide_id: str, k: int, where: str | None) -> pa.Table:
     slide_ids, vectors, n_tiles = index.pooled()
     if slide_id not in slide_ids:
         raise QueryError(f"slide {slide_id} has no embeddings in {index.es.encoder_name} (set "
@@ -146,7 +147,7 @@ def _slide_search(store: Store, index: TileIndex, slide_id: str, k: int, where: 
     return _with_labels(store, table)
 
 
-def _with_labels(store: Store, table: pa.Table) -> pa.Table:
+def _with_labels(store: Snapshot, table: pa.Table) -> pa.Table:
     """Append the slides' label columns (prefixed ``label_`` where a name is taken), keeping rank order."""
     slide_ids = sorted({s for s in table.column("slide_id").to_pylist() if s is not None})
     listed = ", ".join(quote(s) for s in slide_ids) or "NULL"

@@ -1,31 +1,33 @@
 """Transactions: everything one commit writes appears at once, or not at all.
 
-A transaction stages its Parquet tables and Zarr arrays under
-``staging/<commit_id>/`` and publishes them with a single ``rename`` to
-``commits/<commit_id>/``. A rename within one filesystem is atomic, so a reader
-sees either the whole commit or none of it, and a writer killed at any point
-leaves only an invisible staging directory behind.
+A transaction stages its Parquet tables and Zarr arrays under ``staging/<commit_id>/``, records
+every file with its size and sha256 in ``_manifest.json``, flushes the tree, renames it to
+``commits/<commit_id>/`` and finally claims the next log version for it. Only the log entry makes
+the commit visible, so a writer killed at any step leaves an invisible directory behind (staging
+or an unlogged commit) that ``vacuum`` removes later.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from featurestore.store import _arrays
-from featurestore.store._layout import COMMITS, STAGING, new_commit_id
+from featurestore.store import _arrays, _log, _manifest
+from featurestore.store._layout import COMMITS, STAGING, fsync_dir, new_commit_id
 from schemas import TABLES, to_table
 from schemas._record import Record
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """Flush file contents and directory entries so a power cut after publish keeps the commit."""
     for dirpath, _, files in os.walk(root):
         for name in files:
@@ -34,23 +36,27 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 class Transaction:
-    """Collect tables and arrays, then publish them atomically on a clean exit."""
+    """Collect tables and arrays, then publish them atomically on a clean exit.
 
-    def __init__(self, root: Path) -> None:
+    ``known_version`` returns a published version to probe forward from; ``on_publish`` is told
+    the log entry once the commit is visible (the store uses it for automatic checkpoints).
+    """
+
+    def __init__(self, root: Path, known_version: Callable[[], int],
+                 on_publish: Callable[[_log.LogEntry], None] | None = None) -> None:
         self.root = root
         self.commit_id = new_commit_id()
         self.staging = root / STAGING / self.commit_id
         self.staging.mkdir(parents=True)
+        self._known_version = known_version
+        self._on_publish = on_publish
         self._records: dict[str, list[Record]] = {}
         self._tables: dict[str, pa.Table] = {}
+        self.entry: _log.LogEntry | None = None
 
     def add(self, *records: Record) -> None:
         for r in records:
@@ -67,23 +73,32 @@ class Transaction:
     def write_pixels(self, tiling_id: str, data: np.ndarray) -> None:
         _arrays.write_pixels(self.staging / "pix" / tiling_id, data)
 
-    def _write_tables(self) -> None:
-        for name, records in self._records.items():
-            pq.write_table(to_table(records, TABLES[name], self.commit_id), self.staging / f"{name}.parquet")
+    def _write_tables(self) -> tuple[dict[str, int], tuple[str, ...]]:
+        """Write every table; return their sizes and the slides the commit touches."""
+        tables = {name: to_table(records, TABLES[name], self.commit_id) for name, records in self._records.items()}
         for name, table in self._tables.items():
-            column = pa.array([self.commit_id] * table.num_rows, pa.string())
-            pq.write_table(table.append_column("commit_id", column), self.staging / f"{name}.parquet")
+            tables[name] = table.append_column("commit_id", pa.array([self.commit_id] * table.num_rows, pa.string()))
+        sizes, slides = {}, set()
+        for name, table in tables.items():
+            path = self.staging / f"{name}.parquet"
+            pq.write_table(table, path)
+            sizes[name] = path.stat().st_size
+            if "slide_id" in table.column_names and table.num_rows:
+                slides.update(s for s in pc.unique(table.column("slide_id")).to_pylist() if s)
+        return sizes, tuple(sorted(slides))
 
-    def publish(self) -> None:
-        self._write_tables()
-        _fsync_tree(self.staging)
-        target = self.root / COMMITS / self.commit_id
-        os.rename(self.staging, target)
-        fd = os.open(self.root / COMMITS, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def publish(self) -> _log.LogEntry:
+        sizes, slides = self._write_tables()
+        files = _manifest.build(self.staging)
+        _manifest.write(self.staging, self.commit_id, files)
+        fsync_tree(self.staging)
+        os.rename(self.staging, self.root / COMMITS / self.commit_id)
+        fsync_dir(self.root / COMMITS)
+        self.entry = _log.append(self.root, self._known_version(), commit_id=self.commit_id, tables=sizes,
+                                 slides=slides, size=sum(size for size, _ in files.values()))
+        if self._on_publish is not None:
+            self._on_publish(self.entry)
+        return self.entry
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -93,7 +108,12 @@ class Transaction:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.publish()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.publish()
+        except BaseException:
+            # A failed publish (disk full, Ctrl-C) must not leave a half-written staging tree behind.
+            self.abort()
+            raise

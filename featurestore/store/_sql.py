@@ -1,28 +1,28 @@
-"""DuckDB over the store: one view per table, one streamed view per embedding set.
+"""DuckDB over one snapshot: a view per table, and two views per embedding set.
 
-Table views read every commit's Parquet files and keep, for each key, the row
-of the latest commit, so a re-written slide replaces the earlier one. The
-``tiles`` view keeps only tiles from the commit that the ``slide_tilings`` view
-points at. Embedding views (``emb_<model>``) are Arrow streams read from the
-Zarr arrays slide by slide, registered only for queries that mention them, so a
-query never holds more than one slide's vectors in memory on our side.
-``slide_emb_<model>`` is a second stream, one row per slide with the mean of
-its tiles computed in numpy while the bag is in memory: DuckDB has no
-array-valued ``avg``, and one ``avg`` per dimension over the tile stream ran 2×
-slower than numpy at 1M tiles × 1024.
+Table views read the snapshot's files — its checkpoint's folded tables plus the commits after it —
+and keep, for each key, the row of the latest commit. ``tiles`` keeps only tiles from the commit
+that ``slide_tilings`` points at, so re-tiling a slide replaces its tiles.
+
+``emb_<model>`` is the ``tiles`` view with an ``embedding`` column computed by a vectorised Python
+function from the Zarr arrays. DuckDB evaluates it only for rows that survive the query's filters
+and joins (and not at all when the column is not selected), so a query about a few slides reads
+only those slides' arrays, and ``SHOW TABLES`` lists the view like any other.
+``slide_emb_<model>`` does the same per slide: the mean of its tiles, computed in numpy (DuckDB
+has no array-valued ``avg``; one ``avg`` per dimension was 2× slower at 1M tiles × 1024).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+from duckdb import sqltypes
 
-from featurestore.store._layout import COMMITS, GENESIS
-from schemas import FREE_TABLES, TABLES, ReadOnlyError, stored_schema
+from featurestore.store._snapshot import State
+from schemas import FREE_TABLES, TABLES, EmbeddingSet, ReadOnlyError, stored_schema
 
 KEYS: dict[str, tuple[str, ...]] = {
     "slides": ("slide_id",),
@@ -39,11 +39,26 @@ KEYS: dict[str, tuple[str, ...]] = {
 }
 """Rows with equal keys are versions of one thing; the latest commit wins. Failures keep history."""
 
+VARIABLE_COLUMNS = {"labels"}
+"""Tables whose files may have different columns (each labels import brings its own)."""
+
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
+RowsReader = Callable[[np.ndarray, np.ndarray], np.ndarray]
+MeanReader = Callable[[str], np.ndarray]
 
-def _quote(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
+
+def table_names() -> list[str]:
+    return [*TABLES, *FREE_TABLES]
+
+
+def empty_schema(name: str) -> pa.Schema:
+    return (FREE_TABLES[name].append(pa.field("commit_id", pa.string())) if name in FREE_TABLES
+            else stored_schema(TABLES[name]))
+
+
+def quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def check_read_only(query: str) -> None:
@@ -60,23 +75,20 @@ def check_read_only(query: str) -> None:
                             "only SELECT (with WITH, DESCRIBE, SUMMARIZE...) and EXPLAIN run")
 
 
-def connect(root: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the store's table views.
-
-    Globs are expanded when a query binds, so one connection sees commits published after it was
-    opened. The genesis commit (an empty, typed file per table) keeps every glob non-empty; a table
-    added to the format after a store's genesis is an empty typed table until a commit writes it.
-    """
+def connect(state: State) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection whose table views read exactly the files of ``state``."""
     con = duckdb.connect(":memory:")
-    for name in [*TABLES, *FREE_TABLES]:
+    for name in table_names():
         raw = f"_raw_{name}"
-        if (root / COMMITS / GENESIS / f"{name}.parquet").exists() or any((root / COMMITS).glob(f"*/{name}.parquet")):
-            pattern = _quote(root / COMMITS / "*" / f"{name}.parquet")
-            con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet({pattern}, union_by_name=true)")
+        files = state.table_files(name)
+        if files:
+            # Only labels vary in columns between files; elsewhere union_by_name would make DuckDB open
+            # every file when the view is defined, instead of when a query reads the table.
+            listed = ", ".join(quote(str(f)) for f in files)
+            union = ", union_by_name=true" if name in VARIABLE_COLUMNS else ""
+            con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet([{listed}]{union})")
         else:
-            schema = (FREE_TABLES[name].append(pa.field("commit_id", pa.string())) if name in FREE_TABLES
-                      else stored_schema(TABLES[name]))
-            con.register("_empty", schema.empty_table())
+            con.register("_empty", empty_schema(name).empty_table())
             con.execute(f"CREATE TABLE {raw} AS SELECT * FROM _empty")
             con.unregister("_empty")
         if name == "tiles":
@@ -92,23 +104,35 @@ def connect(root: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-StreamFactory = Callable[[], pa.RecordBatchReader]
+def query(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pa.Table:
+    cur = con.cursor()
+    try:
+        return cur.sql(sql, params=params or None).to_arrow_table()
+    finally:
+        cur.close()
 
 
-def register_embedding_views(cur: duckdb.DuckDBPyConnection, query: str,
-                             embedding_views: dict[str, tuple[StreamFactory, StreamFactory]]) -> None:
-    """Make the ``emb_<model>`` and ``slide_emb_<model>`` views that ``query`` names live on ``cur``.
+def add_embedding_views(con: duckdb.DuckDBPyConnection, view: str, es: EmbeddingSet, rows: RowsReader,
+                        mean: MeanReader) -> None:
+    """Define ``view`` (tiles + embedding) and ``slide_<view>`` (per-slide mean) for one embedding set."""
+    vector = duckdb.array_type(sqltypes.FLOAT, es.embed_dim)
 
-    ``embedding_views`` maps a view name to the factories of its tile stream and its per-slide mean
-    stream. A stream can be scanned once: a view the query names twice is materialised first."""
-    for view, factories in embedding_views.items():
-        for name, make_reader in zip((view, f"slide_{view}"), factories, strict=True):
-            uses = len(re.findall(rf"\b{re.escape(name)}\b", query, flags=re.IGNORECASE))
-            if uses == 1:
-                cur.register(name, make_reader())
-            elif uses > 1:
-                cur.register(name, make_reader().read_all())
+    def tile_vectors(slide_ids: pa.Array, tile_index: pa.Array) -> pa.Array:
+        out = rows(slide_ids.to_numpy(zero_copy_only=False), tile_index.to_numpy())
+        return pa.FixedSizeListArray.from_arrays(pa.array(out.ravel()), es.embed_dim)
 
+    def slide_means(slide_ids: pa.Array) -> pa.Array:
+        ids = slide_ids.to_pylist()
+        out = np.stack([mean(s) for s in ids]) if ids else np.empty((0, es.embed_dim), np.float32)
+        return pa.FixedSizeListArray.from_arrays(pa.array(out.ravel()), es.embed_dim)
 
-def stream(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatchReader:
-    return pa.RecordBatchReader.from_batches(schema, batches)
+    tile_fn, mean_fn = f"_emb_{es.id}", f"_slide_mean_{es.id}"
+    con.create_function(tile_fn, tile_vectors, [sqltypes.VARCHAR, sqltypes.BIGINT], vector, type="arrow",
+                        side_effects=False)
+    con.create_function(mean_fn, slide_means, [sqltypes.VARCHAR], vector, type="arrow", side_effects=False)
+    in_set = f"(SELECT slide_id FROM bags WHERE set_id = {quote(es.id)})"
+    con.execute(f"CREATE VIEW {view} AS SELECT t.slide_id, t.tile_index, t.tile_id, t.x, t.y, "
+                f"{tile_fn}(t.slide_id, t.tile_index) AS embedding FROM tiles t "
+                f"WHERE t.tiling_id = {quote(es.tiling_id)} AND t.slide_id IN {in_set}")
+    con.execute(f"CREATE VIEW slide_{view} AS SELECT slide_id, n_tiles, {mean_fn}(slide_id) AS embedding "
+                f"FROM bags WHERE set_id = {quote(es.id)} AND n_tiles > 0")

@@ -1,0 +1,76 @@
+"""Store maintenance: ``fs compact``, ``fs verify``, ``fs vacuum`` and ``fs migrate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli._common import StoreOpt, console, err_console, friendly
+from featurestore.store import Store, migrate
+
+
+@friendly
+def compact(store: StoreOpt) -> None:
+    """Fold every table into a checkpoint now and merge the tile table into one part.
+
+    Writers also checkpoint automatically every 100 commits; compact is safe while they run.
+    """
+    r = Store.open(store).compact()
+    console.print(f"checkpoint at version {r.version}: folded {r.commits_folded} commits; "
+                  f"tile parts {r.tile_parts_before} → {r.tile_parts_after}")
+
+
+@friendly
+def verify(store: StoreOpt,
+           deep: Annotated[bool, typer.Option("--deep", help="Also re-hash every file (reads all data).")] = False,
+           drop_damaged: Annotated[bool, typer.Option("--drop-damaged", help="Leave damaged commits out of "
+                                                      "every later read; their slides can then be re-extracted.")]
+           = False) -> None:
+    """Check every live commit's files against its manifest (sizes; sha256 with --deep)."""
+    s = Store.open(store, read_only=not drop_damaged)
+    report = s.verify(deep=deep)
+    how = f"{report.bytes_hashed / 2**20:.1f} MiB re-hashed" if deep else "sizes checked"
+    console.print(f"version {report.version}: {report.commits} commits, {report.files} files, {how}")
+    if not report.problems:
+        console.print("no damage found")
+        return
+    for p in report.problems:
+        slides = ", ".join(p.slides[:5]) + (" …" if len(p.slides) > 5 else "") or "no slide"
+        err_console.print(f"[red]damaged[/red]: {p.path}: {p.problem} (commit {p.commit_id}, slides {slides})",
+                          highlight=False, soft_wrap=True)
+    if drop_damaged:
+        version = s.drop_commits(sorted({p.commit_id for p in report.problems}))
+        console.print(f"dropped {len({p.commit_id for p in report.problems})} commits at version {version}; "
+                      "re-run `fs extract` to extract their slides again")
+        return
+    err_console.print(f"fix: {report.fix(store)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@friendly
+def vacuum(store: StoreOpt,
+           retention_hours: Annotated[float, typer.Option(help="Keep anything younger than this: a reader "
+                                                          "or writer may still use it.")] = 168.0) -> None:
+    """Delete staging leftovers, unpublished commits, replaced arrays, old checkpoints and orphaned index files."""
+    if retention_hours < 0:
+        raise typer.BadParameter("--retention-hours must be ≥ 0")
+    r = Store.open(store).vacuum(retention_hours * 3600)
+    console.print(f"removed {r.staging} staging dirs, {r.unpublished_commits} unpublished commits, "
+                  f"{r.superseded_arrays} replaced arrays, {r.checkpoints} old checkpoints, {r.tile_parts} tile "
+                  f"parts, {r.index_files} index files: {r.bytes_freed / 2**20:.1f} MiB freed")
+
+
+@friendly
+def migrate_store(store: Annotated[Path, typer.Argument(help="Store directory to upgrade in place.")]) -> None:
+    """Upgrade an older store to this code's format, atomically (stop every writer first)."""
+    n = migrate(store)
+    console.print(f"{store}: already current" if n == 0 else f"{store}: migrated, {n} commits logged")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(compact)
+    app.command()(verify)
+    app.command()(vacuum)
+    app.command("migrate")(migrate_store)

@@ -1,0 +1,282 @@
+"""Keeping a store healthy: compact, verify, drop damaged commits, vacuum, and migrate format 1.
+
+Each of these is safe while writers commit: they read immutable versions, publish through the
+log like any writer, and delete only what no snapshot younger than the retention period can name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from featurestore.store import _checkpoint, _log, _manifest
+from featurestore.store._commit import fsync_tree
+from featurestore.store._layout import (
+    CHECKPOINTS,
+    COMMITS,
+    GENESIS,
+    LOG,
+    PARTS,
+    STAGING,
+    fsync_dir,
+    read_marker_version,
+    version_name,
+    write_marker,
+)
+from featurestore.store._snapshot import Resolver, latest_checkpoint
+from schemas import FORMAT_VERSION, InvalidRecordError, StoreVersionError
+
+SUPERSEDED = "_superseded.json"
+"""Files of a commit that ``vacuum`` removed because newer commits replaced them; verify skips them."""
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    version: int
+    commits_folded: int
+    tile_parts_before: int
+    tile_parts_after: int
+
+
+def compact(root: Path, resolver: Resolver) -> CompactReport:
+    """Checkpoint the newest version with every tile part merged into one."""
+    state = resolver.resolve()
+    before = len(state.checkpoint.tile_parts) if state.checkpoint else 0
+    if state.checkpoint is not None and state.checkpoint.version == state.version:
+        # A checkpoint directory is never rewritten; an empty log entry gives compaction its own version.
+        _log.append(root, state.version, commit_id=None, tables={})
+        state = resolver.resolve()
+    ckpt = _checkpoint.write(state, compact=True)
+    if ckpt is None:
+        ckpt = latest_checkpoint(root)
+    return CompactReport(state.version, len(state.entries), before, len(ckpt.tile_parts) if ckpt else 0)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One damaged file of a live commit, with the slides it holds."""
+
+    commit_id: str
+    version: int
+    slides: tuple[str, ...]
+    path: Path
+    problem: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    version: int
+    commits: int
+    files: int
+    bytes_hashed: int
+    problems: tuple[Problem, ...]
+
+    def fix(self, root: Path) -> str:
+        return (f"drop the damaged commits with `fs verify -s {root} --drop-damaged` (their slides then revert "
+                "to an earlier version or disappear), then re-run `fs extract` on those slides")
+
+
+def verify(root: Path, resolver: Resolver, *, deep: bool = False) -> VerifyReport:
+    """Check every live commit's files against its manifest: presence and size, and sha256 when ``deep``."""
+    state = resolver.resolve(use_checkpoint=False)
+    problems, files, hashed = [], 0, 0
+    for entry, damage in state.damaged:
+        problems.append(Problem(entry.commit_id, entry.version, entry.slides, damage.path, damage.problem))
+    for entry in state.entries:
+        directory = root / COMMITS / entry.commit_id
+        manifest = _manifest.read(directory)
+        if manifest is None:
+            problems.append(Problem(entry.commit_id, entry.version, entry.slides, directory / "_manifest.json",
+                                    "missing or unreadable"))
+            continue
+        gone = _superseded(directory)
+        manifest = {k: v for k, v in manifest.items() if k not in gone}
+        files += len(manifest)
+        if deep:
+            hashed += sum(size for size, _ in manifest.values())
+        for d in _manifest.check(directory, manifest, deep=deep):
+            problems.append(Problem(entry.commit_id, entry.version, entry.slides, d.path, d.problem))
+    return VerifyReport(state.version, len(state.entries) + len(state.damaged), files, hashed, tuple(problems))
+
+
+def drop(root: Path, resolver: Resolver, commit_ids: list[str]) -> int:
+    """Publish a drop of ``commit_ids`` and a checkpoint replayed without them; return the drop's version."""
+    state = resolver.resolve(use_checkpoint=False)
+    known = {e.commit_id for e in state.entries} | {e.commit_id for e, _ in state.damaged}
+    unknown = [c for c in commit_ids if c not in known]
+    if unknown or GENESIS in commit_ids:
+        raise InvalidRecordError(f"{root}: no live commit {(unknown or [GENESIS])[0]!r} to drop; "
+                                 "`fs verify` lists the damaged ones")
+    entry = _log.append(root, state.version, commit_id=None, tables={}, drops=tuple(commit_ids))
+    _checkpoint.write(resolver.resolve(entry.version, use_checkpoint=False))
+    return entry.version
+
+
+@dataclass(frozen=True)
+class VacuumReport:
+    staging: int
+    unpublished_commits: int
+    superseded_arrays: int
+    checkpoints: int
+    tile_parts: int
+    index_files: int
+    bytes_freed: int
+
+
+def _superseded(directory: Path) -> set[str]:
+    try:
+        return set(json.loads((directory / SUPERSEDED).read_bytes()))
+    except (OSError, ValueError):
+        return set()
+
+
+def _remove(path: Path) -> int:
+    """Delete a file or tree; return the bytes freed."""
+    if path.is_dir():
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        shutil.rmtree(path, ignore_errors=True)
+        return size
+    try:
+        size = path.stat().st_size
+        path.unlink()
+        return size
+    except FileNotFoundError:
+        return 0
+
+
+def _old(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
+
+
+def vacuum(root: Path, resolver: Resolver, older_than_s: float) -> VacuumReport:
+    """Delete leftovers and replaced files older than the retention period.
+
+    Removed: staging directories (writers or checkpoints that died), commit directories no log
+    entry names (a writer died between rename and log), bag and pixel arrays replaced by a commit
+    published before the cutoff, checkpoints and tile parts older than the newest checkpoint, and
+    FAISS files no index manifest names. A snapshot pinned within the retention period never
+    needs any of these.
+    """
+    cutoff = time.time() - older_than_s
+    freed = 0
+    staging = [p for p in (root / STAGING).iterdir() if _old(p, cutoff)]
+    for p in staging:
+        freed += _remove(p)
+
+    state = resolver.resolve(use_checkpoint=False)
+    every = [resolver.entry(v) for v in range(state.version + 1)]
+    logged = {e.commit_id for e in every if e.commit_id}
+    unpublished = [p for p in (root / COMMITS).iterdir() if p.name not in logged and _old(p, cutoff)]
+    for p in unpublished:
+        freed += _remove(p)
+
+    arrays = 0
+    latest: dict[tuple[str, str], tuple[str, float]] = {}
+    for e in every:
+        if e.commit_id is None or e.commit_id in state.dropped:
+            continue
+        directory = root / COMMITS / e.commit_id
+        for kind in ("emb", "pix"):
+            for sub in (directory / kind).iterdir() if (directory / kind).is_dir() else ():
+                for slide in e.slides:
+                    key = (f"{kind}/{sub.name}", slide)
+                    previous = latest.get(key)
+                    if previous is not None and e.published_at < cutoff:
+                        arrays += _mark_superseded(root / COMMITS / previous[0], key[0])
+                    latest[key] = (e.commit_id, e.published_at)
+    checkpoints = parts = 0
+    newest = latest_checkpoint(root)
+    if newest is not None:
+        keep = {p.path for p in newest.tile_parts}
+        for p in (root / CHECKPOINTS).iterdir():
+            if p.name.isdigit() and int(p.name) < newest.version and _old(p, cutoff):
+                freed += _remove(p)
+                checkpoints += 1
+        for p in (root / PARTS).iterdir() if (root / PARTS).is_dir() else ():
+            if f"{PARTS}/{p.name}" not in keep and _old(p, cutoff):
+                freed += _remove(p)
+                parts += 1
+    index_files = 0
+    for directory in (root / "indexes").iterdir() if (root / "indexes").is_dir() else ():
+        try:
+            named = json.loads((directory / "manifest.json").read_bytes()).get("index_file")
+        except (OSError, ValueError, AttributeError):
+            continue
+        for f in directory.glob("*.faiss"):
+            if f.name != named and _old(f, cutoff):
+                freed += _remove(f)
+                index_files += 1
+    return VacuumReport(len(staging), len(unpublished), arrays, checkpoints, parts, index_files, freed)
+
+
+def _mark_superseded(directory: Path, prefix: str) -> int:
+    """Remove one replaced array from an old commit, recording it so verify does not call it damage."""
+    target = directory / prefix
+    if not target.exists():
+        return 0
+    gone = _superseded(directory)
+    manifest = _manifest.read(directory) or {}
+    gone.update(k for k in manifest if k.startswith(prefix + "/"))
+    (directory / SUPERSEDED).write_text(json.dumps(sorted(gone)) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    return 1
+
+
+def migrate(root: Path) -> int:
+    """Upgrade a format-1 store in place; return the number of commits logged.
+
+    Format 1 had commit directories but no log, manifests or checkpoints. Migration writes a
+    manifest into each commit, builds the log in ``log.migrating/``, renames it to ``log/`` and
+    checkpoints; only then is the marker switched to the new version, so a crash at any point
+    leaves a format-1 store that the old code still reads and ``fs migrate`` can run again.
+    No writer may run during a migration.
+    """
+    version = read_marker_version(root)
+    if version == FORMAT_VERSION:
+        return 0
+    if version != 1:
+        raise StoreVersionError(f"{root}: store format version {version} cannot be migrated by this code "
+                                f"(it reads {FORMAT_VERSION}); upgrade with `pip install -U featurestore-path`")
+    for leftover in (root / f"{LOG}.migrating", root / LOG, root / CHECKPOINTS, root / PARTS):
+        shutil.rmtree(leftover, ignore_errors=True)
+    building = root / f"{LOG}.migrating"
+    building.mkdir()
+    commits = sorted(p.name for p in (root / COMMITS).iterdir() if p.is_dir())
+    if GENESIS not in commits:
+        raise StoreVersionError(f"{root}: format-1 store without a genesis commit; re-create it with `fs init` "
+                                "and `fs import`/`fs extract`")
+    commits.remove(GENESIS)
+    for v, commit_id in enumerate([GENESIS, *commits]):
+        directory = root / COMMITS / commit_id
+        files = _manifest.build(directory)
+        _manifest.write(directory, commit_id, files)
+        tables = {rel.removesuffix(".parquet"): size for rel, (size, _) in files.items()
+                  if rel.endswith(".parquet") and "/" not in rel}
+        entry = _log.LogEntry(v, commit_id, time.time(), tables, _slides_of(directory),
+                              bytes=sum(s for s, _ in files.values()))
+        (building / f"{version_name(v)}.json").write_text(json.dumps(entry.to_dict()) + "\n")
+    fsync_tree(root / COMMITS)
+    fsync_tree(building)
+    os.rename(building, root / LOG)
+    fsync_dir(root)
+    (root / CHECKPOINTS).mkdir(exist_ok=True)
+    _checkpoint.write(Resolver(root).resolve(len(commits), use_checkpoint=False))
+    write_marker(root, FORMAT_VERSION)
+    return len(commits) + 1
+
+
+def _slides_of(directory: Path) -> tuple[str, ...]:
+    slides: set[str] = set()
+    for table in directory.glob("*.parquet"):
+        if "slide_id" in pq.read_schema(table).names:
+            slides.update(s for s in pq.read_table(table, columns=["slide_id"]).column(0).unique().to_pylist() if s)
+    return tuple(sorted(slides))

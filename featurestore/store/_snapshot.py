@@ -1,0 +1,187 @@
+"""Resolving a snapshot: the newest checkpoint plus the log entries published after it.
+
+A snapshot is fixed by one version number. Everything a read touches — table files, tile parts,
+bag locations — comes from the files that version names, so a reader never mixes two moments,
+and resolving costs O(checkpoint + commits since), whatever the store's history.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featurestore.store import _log
+from featurestore.store._layout import CHECKPOINTS, COMMITS, LAST_CHECKPOINT, version_name
+from featurestore.store._manifest import Damage
+
+CHECKPOINT_FILE = "_checkpoint.json"
+
+
+@dataclass(frozen=True)
+class TilePart:
+    """A Parquet file of current tile rows for the log versions ``lo..hi``, shared by checkpoints."""
+
+    path: str
+    size: int
+    lo: int
+    hi: int
+    level: int
+
+    def to_list(self) -> list:
+        return [self.path, self.size, self.lo, self.hi, self.level]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Every table folded at ``version`` (latest row per key), plus the tile parts that cover it."""
+
+    version: int
+    tables: dict[str, tuple[str, int]]
+    tile_parts: tuple[TilePart, ...]
+    bytes: int = 0
+    """Total size of the commits folded in (as their log entries recorded)."""
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "tables": {k: list(v) for k, v in self.tables.items()},
+                "tile_parts": [p.to_list() for p in self.tile_parts], "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Checkpoint:
+        return cls(int(d["version"]), {k: (str(v[0]), int(v[1])) for k, v in d["tables"].items()},
+                   tuple(TilePart(str(p[0]), int(p[1]), int(p[2]), int(p[3]), int(p[4])) for p in d["tile_parts"]),
+                   int(d.get("bytes", 0)))
+
+    def files(self) -> list[tuple[str, int]]:
+        return [*self.tables.values(), *((p.path, p.size) for p in self.tile_parts)]
+
+
+@dataclass(frozen=True)
+class State:
+    """One resolved snapshot: a checkpoint (or none) and the live log entries after it."""
+
+    root: Path
+    version: int
+    checkpoint: Checkpoint | None
+    entries: tuple[_log.LogEntry, ...]
+    damaged: tuple[tuple[_log.LogEntry, Damage], ...] = ()
+    dropped: frozenset[str] = field(default_factory=frozenset)
+
+    def table_files(self, name: str) -> list[Path]:
+        """Parquet files whose rows make up table ``name`` at this version (before key resolution)."""
+        files = []
+        if self.checkpoint is not None:
+            if name == "tiles":
+                files += [self.root / p.path for p in self.checkpoint.tile_parts]
+            elif name in self.checkpoint.tables:
+                files.append(self.root / self.checkpoint.tables[name][0])
+        files += [self.root / COMMITS / e.commit_id / f"{name}.parquet" for e in self.entries if name in e.tables]
+        return files
+
+    def commit_ids(self) -> list[str]:
+        return [e.commit_id for e in self.entries]
+
+    def bytes(self) -> int:
+        return (self.checkpoint.bytes if self.checkpoint else 0) + sum(e.bytes for e in self.entries)
+
+
+def _checked_checkpoint(root: Path, version: int) -> Checkpoint | None:
+    """Load checkpoint ``version`` if it and every file it names are intact, else None."""
+    path = root / CHECKPOINTS / version_name(version) / CHECKPOINT_FILE
+    try:
+        ckpt = Checkpoint.from_dict(json.loads(path.read_bytes()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        warnings.warn(f"{path}: damaged checkpoint, ignored (it is derived data; `fs compact` writes a new one)",
+                      stacklevel=2)
+        return None
+    for rel, size in ckpt.files():
+        try:
+            ok = (root / rel).stat().st_size == size
+        except FileNotFoundError:
+            ok = False
+        if not ok:
+            warnings.warn(f"{root / rel}: missing or short, so checkpoint {version} is ignored "
+                          "(derived data; `fs compact` writes a new one)", stacklevel=2)
+            return None
+    return ckpt
+
+
+def latest_checkpoint(root: Path, upto: int | None = None) -> Checkpoint | None:
+    """The newest intact checkpoint at or below ``upto``: the hint first, a directory listing if it fails."""
+    try:
+        hinted = int(json.loads((root / CHECKPOINTS / LAST_CHECKPOINT).read_bytes())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        hinted = None
+    if hinted is not None and (upto is None or hinted <= upto):
+        ckpt = _checked_checkpoint(root, hinted)
+        if ckpt is not None:
+            return ckpt
+    try:
+        names = sorted((p.name for p in (root / CHECKPOINTS).iterdir() if p.name.isdigit()), reverse=True)
+    except FileNotFoundError:
+        return None
+    for name in names:
+        version = int(name)
+        if version != hinted and (upto is None or version <= upto):
+            ckpt = _checked_checkpoint(root, version)
+            if ckpt is not None:
+                return ckpt
+    return None
+
+
+class Resolver:
+    """Resolves snapshots, remembering immutable log entries so a re-resolve reads only new ones."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._entries: dict[int, _log.LogEntry] = {}
+        self.known = 0
+
+    def entry(self, version: int) -> _log.LogEntry:
+        found = self._entries.get(version)
+        if found is None:
+            found = self._entries[version] = _log.read_entry(self.root, version)
+        return found
+
+    def resolve(self, upto: int | None = None, *, use_checkpoint: bool = True) -> State:
+        """The snapshot at ``upto`` (default: the newest version)."""
+        version = _log.latest(self.root, self.known) if upto is None else upto
+        self.known = max(self.known, version)
+        ckpt = latest_checkpoint(self.root, version) if use_checkpoint else None
+        start = ckpt.version + 1 if ckpt else 0
+        entries = [self.entry(v) for v in range(start, version + 1)]
+        dropped = {c for e in entries for c in e.drops}
+        commits = {e.commit_id for e in entries}
+        if ckpt is not None and not dropped <= commits:
+            # A drop of a commit the checkpoint already folded: replay from genesis until the next checkpoint.
+            return self.resolve(version, use_checkpoint=False)
+        live, damaged = [], []
+        for e in entries:
+            if e.commit_id is None or e.commit_id in dropped:
+                continue
+            broken = _table_damage(self.root, e)
+            if broken:
+                damaged.append((e, broken[0]))
+            else:
+                live.append(e)
+        for v in [v for v in self._entries if v < start]:
+            del self._entries[v]
+        return State(self.root, version, ckpt, tuple(live), tuple(damaged), frozenset(dropped))
+
+
+def _table_damage(root: Path, entry: _log.LogEntry) -> list[Damage]:
+    """Missing or short table files of a commit: a ``stat`` each, so every resolve can afford it."""
+    out = []
+    for name, size in entry.tables.items():
+        path = root / COMMITS / entry.commit_id / f"{name}.parquet"
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            out.append(Damage(path, "missing"))
+            continue
+        if actual != size:
+            out.append(Damage(path, f"{actual} bytes, the commit wrote {size}"))
+    return out

@@ -1,0 +1,360 @@
+"""A pinned, read-only view of the store at one log version.
+
+Every read API lives here. ``Store`` hands out the newest snapshot (``store.snapshot()``) and its
+own read methods use a fresh one per call; a reader that needs several calls to agree — a
+training run, an index build, a search — keeps one ``Snapshot`` for all of them. SQL table views,
+the ``emb_<model>`` views and direct bag reads all resolve through the same version, and every
+file is checked against its commit's manifest before it is trusted.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from featurestore.store import _arrays, _manifest, _sql
+from featurestore.store._layout import COMMITS, STAGING
+from featurestore.store._snapshot import State
+from schemas import (
+    EmbeddingSet,
+    EncoderSpec,
+    Failure,
+    Run,
+    Slide,
+    StoreDamageError,
+    TilingSpec,
+    UnknownEmbeddingSetError,
+    from_row,
+)
+
+_VIEW_SAFE = re.compile(r"[^a-z0-9_]")
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What ``fs info`` prints."""
+
+    path: Path
+    slides: int
+    tiles: int
+    encoders: list[str]
+    embedding_sets: list[tuple[str, str, int, int]]
+    failures: int
+    labelled_slides: int
+    bytes_on_disk: int
+    """Bytes of the live commits, as their log entries recorded them (no directory walk)."""
+    staging: int
+    tilings: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+    """(tiling_id, "224 px @ 0.5 µm/px", slides, tiles, slides with cached pixels) per tiling."""
+    version: int = 0
+    commits_since_checkpoint: int = 0
+    damaged: tuple[str, ...] = ()
+
+
+class Snapshot:
+    """The store as of log version ``version``; cheap to create, safe to share between threads."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.root = state.root
+        self._manifests: dict[str, dict[str, tuple[int, str]]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Snapshot({str(self.root)!r}, version={self.version})"
+
+    def __getstate__(self) -> dict:
+        # DuckDB connections do not pickle; a data-loader worker re-opens its own over the same files.
+        return {"state": self.state}
+
+    def __setstate__(self, d: dict) -> None:
+        self.__init__(d["state"])
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    # --- SQL ---------------------------------------------------------------------------------
+
+    @cached_property
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        """Table views, then the embedding views (which need the embedding sets, read through the former)."""
+        con = self._plain_con
+        for view, es in self.view_names().items():
+            _sql.add_embedding_views(con, view, es, self._rows_reader(es), self._mean_reader(es))
+        return con
+
+    def sql(self, query: str, params: list | None = None) -> pa.Table:
+        """Run one read-only SQL statement (``?`` placeholders bound to ``params``) over this snapshot."""
+        _sql.check_read_only(query)
+        return self._query(query, params)
+
+    def _query(self, query: str, params: list | None = None) -> pa.Table:
+        cur = self._con.cursor()
+        try:
+            return cur.sql(query, params=params or None).to_arrow_table()
+        except duckdb.Error as err:
+            cause = _damage_in(err)
+            if cause:
+                raise StoreDamageError(cause) from err
+            raise
+        finally:
+            cur.close()
+
+    # --- catalogue ---------------------------------------------------------------------------
+
+    def _records(self, table: str, cls: type) -> list:
+        return [from_row(cls, row) for row in
+                _sql.query(self._plain_con, f"SELECT * EXCLUDE (commit_id) FROM {table}").to_pylist()]
+
+    @cached_property
+    def _plain_con(self) -> duckdb.DuckDBPyConnection:
+        """The connection with table views only, before ``_con`` adds the embedding views to it."""
+        return _sql.connect(self.state)
+
+    def slides(self) -> list[Slide]:
+        return self._records("slides", Slide)
+
+    def tilings(self) -> list[TilingSpec]:
+        return self._records("tilings", TilingSpec)
+
+    def encoders(self) -> list[EncoderSpec]:
+        return self._records("encoders", EncoderSpec)
+
+    @cached_property
+    def _embedding_sets(self) -> list[EmbeddingSet]:
+        return sorted(self._records("embedding_sets", EmbeddingSet), key=lambda s: (s.encoder_name, s.id))
+
+    def embedding_sets(self) -> list[EmbeddingSet]:
+        return list(self._embedding_sets)
+
+    def failures(self) -> list[Failure]:
+        return self._records("failures", Failure)
+
+    def runs(self) -> list[Run]:
+        return self._records("runs", Run)
+
+    def view_names(self) -> dict[str, EmbeddingSet]:
+        """SQL view name of every embedding set: ``emb_<encoder>``, suffixed when one encoder has several sets."""
+        sets = self._embedding_sets
+        counts: dict[str, int] = {}
+        for s in sets:
+            counts[s.encoder_name] = counts.get(s.encoder_name, 0) + 1
+        names = {}
+        for s in sets:
+            base = "emb_" + _VIEW_SAFE.sub("_", s.encoder_name.lower())
+            names[base if counts[s.encoder_name] == 1 else f"{base}_{s.id[:8]}"] = s
+        return names
+
+    def embedding_set(self, model: str) -> EmbeddingSet:
+        """Resolve an embedding set by encoder name, view name or set id (prefix)."""
+        names = self.view_names()
+        matches = [s for v, s in names.items()
+                   if model in (s.encoder_name, v, v.removeprefix("emb_")) or s.id.startswith(model)]
+        if len(matches) == 1:
+            return matches[0]
+        choices = ", ".join(f"{v} ({s.encoder_name}, set {s.id})" for v, s in names.items()) or "none yet"
+        why = "is ambiguous" if matches else "matches no embedding set"
+        raise UnknownEmbeddingSetError(f"{self.root}: model {model!r} {why}; choose one of: {choices}")
+
+    def progress(self, tiling_id: str) -> dict[str, frozenset[str]]:
+        """Resume state in one query: every slide tiled with ``tiling_id`` → ids of the sets holding its bag."""
+        rows = _sql.query(
+            self._plain_con,
+            "SELECT st.slide_id, list(e.set_id) FILTER (WHERE e.set_id IS NOT NULL) AS sets "
+            "FROM slide_tilings st LEFT JOIN bags b ON b.slide_id = st.slide_id "
+            "LEFT JOIN embedding_sets e ON e.set_id = b.set_id AND e.tiling_id = st.tiling_id "
+            "WHERE st.tiling_id = ? GROUP BY st.slide_id", [tiling_id]).to_pylist()
+        return {r["slide_id"]: frozenset(r["sets"] or ()) for r in rows}
+
+    def n_tiles(self, slide_id: str, tiling_id: str) -> int | None:
+        found = self._locations[1].get((slide_id, tiling_id))
+        return None if found is None else found[2]
+
+    # --- locations and integrity -------------------------------------------------------------
+
+    @cached_property
+    def _locations(self) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], tuple[str, bool, int]]]:
+        """Where each (set, slide) bag and each (slide, tiling) tile table lives in this snapshot."""
+        bags = {(r["set_id"], r["slide_id"]): r["commit_id"] for r in
+                _sql.query(self._plain_con, "SELECT set_id, slide_id, commit_id FROM bags").to_pylist()}
+        tiled = {(r["slide_id"], r["tiling_id"]): (r["commit_id"], r["pixels"], r["n_tiles"]) for r in
+                 _sql.query(self._plain_con,
+                            "SELECT slide_id, tiling_id, commit_id, pixels, n_tiles FROM slide_tilings").to_pylist()}
+        return bags, tiled
+
+    def bag_commits(self, es: EmbeddingSet) -> dict[str, str]:
+        """slide_id → the commit holding its bag in ``es``, for every slide of the set, sorted by slide."""
+        return dict(sorted((sid, c) for (set_id, sid), c in self._locations[0].items() if set_id == es.id))
+
+    def _manifest(self, commit: str) -> dict[str, tuple[int, str]]:
+        found = self._manifests.get(commit)
+        if found is None:
+            found = _manifest.read(self.root / COMMITS / commit)
+            if found is None:
+                raise StoreDamageError(f"{self.root / COMMITS / commit / '_manifest.json'}: missing or unreadable, "
+                                       "so the commit's files cannot be checked; run `fs verify` for the fix")
+            with self._lock:
+                self._manifests[commit] = found
+        return found
+
+    def _checked(self, commit: str, prefix: str, slide_id: str, what: str) -> Path:
+        """The commit's path after checking every file under ``prefix`` is present with its committed size."""
+        directory = self.root / COMMITS / commit
+        damage = _manifest.check(directory, self._manifest(commit), prefix)
+        if damage or not any(rel.startswith(prefix) for rel in self._manifest(commit)):
+            problem = (f"{damage[0].path}: {damage[0].problem}" if damage
+                       else f"{directory / prefix}: not in the manifest")
+            raise StoreDamageError(f"{problem} — {what} of slide {slide_id} cannot be read; fix: re-extract "
+                                   f"the slide, or drop the commit with `fs verify -s {self.root} --drop-damaged`")
+        return directory
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def _tiled(self, slide_id: str, tiling_id: str) -> tuple[str, bool, int]:
+        found = self._locations[1].get((slide_id, tiling_id))
+        if found is None:
+            raise KeyError(f"{self.root}: slide {slide_id} has no tiles for tiling {tiling_id}")
+        return found
+
+    def read_tiles(self, slide_id: str, tiling_id: str, columns: list[str] | None = None) -> pa.Table:
+        """One slide's tiles in tile_index order, read from the one Parquet file that holds them."""
+        commit = self._tiled(slide_id, tiling_id)[0]
+        directory = self._checked(commit, "tiles.parquet", slide_id, "the tile table")
+        cols = None if columns is None else list(dict.fromkeys(["tile_index", *columns]))
+        table = pq.read_table(directory / "tiles.parquet", columns=cols,
+                              filters=[("slide_id", "=", slide_id), ("tiling_id", "=", tiling_id)])
+        return table.sort_by("tile_index")
+
+    def read_bag(self, es: EmbeddingSet, slide_id: str) -> np.ndarray:
+        """One slide's embeddings (n, dim) (or (n, views, dim)); rows follow the tiles' ``tile_index``."""
+        return self.bag_array(es, slide_id)[...]
+
+    def bag_array(self, es: EmbeddingSet, slide_id: str) -> zarr.Array:
+        """The lazily-read Zarr array behind a bag, for partial reads; its files are checked first."""
+        commit = self._locations[0].get((es.id, slide_id))
+        if commit is None:
+            raise KeyError(f"{self.root}: slide {slide_id} has no embeddings in set {es.id} ({es.encoder_name})")
+        directory = self._checked(commit, f"emb/{es.id}/", slide_id, f"the {es.encoder_name} embeddings")
+        return _arrays.open_array(directory / "emb" / es.id)
+
+    def read_pixels(self, tiling_id: str, slide_id: str, indices: np.ndarray | None = None) -> np.ndarray:
+        commit, pixels, _ = self._tiled(slide_id, tiling_id)
+        if not pixels:
+            raise KeyError(f"{self.root}: slide {slide_id} has no cached pixels for tiling {tiling_id}; "
+                           "extract with --cache-pixels")
+        directory = self._checked(commit, f"pix/{tiling_id}/", slide_id, "the cached pixels")
+        arr = _arrays.open_array(directory / "pix" / tiling_id)
+        return arr[...] if indices is None else arr.get_orthogonal_selection((np.asarray(indices),))
+
+    def read_by_tile_ids(self, es: EmbeddingSet, tile_ids: list[int] | np.ndarray) -> np.ndarray:
+        """Embeddings for arbitrary tile ids, in the order given; reads only the slides involved."""
+        wanted = pa.table({"tile_id": pa.array(np.asarray(tile_ids, np.int64)),
+                           "pos": pa.array(np.arange(len(tile_ids)))})
+        cur = self._plain_con.cursor()
+        try:
+            cur.register("wanted", wanted)
+            hits = cur.sql("SELECT w.pos, t.slide_id, t.tile_index FROM wanted w JOIN tiles t USING (tile_id) "
+                           "WHERE t.tiling_id = ? ORDER BY t.slide_id, t.tile_index", params=[es.tiling_id]
+                           ).to_arrow_table()
+        finally:
+            cur.close()
+        if hits.num_rows != len(tile_ids):
+            found = set(hits.column("pos").to_pylist())
+            missing = [int(tile_ids[i]) for i in range(len(tile_ids)) if i not in found][:5]
+            raise KeyError(f"{self.root}: tile ids not in embedding set {es.encoder_name}: {missing}")
+        out = np.empty((len(tile_ids), *_row_shape(es)), dtype=es.dtype)
+        pos = hits.column("pos").to_numpy()
+        slides = hits.column("slide_id").to_numpy(zero_copy_only=False)
+        index = hits.column("tile_index").to_numpy()
+        for sid in dict.fromkeys(slides):
+            sel = slides == sid
+            out[pos[sel]] = self.bag_array(es, sid).get_orthogonal_selection((index[sel],))
+        return out
+
+    def iter_bags(self, es: EmbeddingSet) -> Iterator[tuple[str, pa.Table, np.ndarray]]:
+        """Stream (slide_id, tiles, embeddings) for a whole embedding set, one slide in memory at a time."""
+        for slide_id in self.bag_commits(es):
+            yield slide_id, self.read_tiles(slide_id, es.tiling_id), self.read_bag(es, slide_id)
+
+    # --- embedding views ---------------------------------------------------------------------
+
+    def _rows_reader(self, es: EmbeddingSet) -> _sql.RowsReader:
+        """Embeddings (view 0, float32) for rows given as (slide_id, tile_index) arrays, one slide at a time."""
+        recent: dict[str, np.ndarray] = {}
+        lock = threading.Lock()
+
+        def bag(slide_id: str) -> np.ndarray:
+            with lock:
+                found = recent.get(slide_id)
+            if found is None:
+                emb = self.read_bag(es, slide_id)
+                found = np.ascontiguousarray(emb[:, 0] if emb.ndim == 3 else emb, dtype=np.float32)
+                with lock:
+                    # Scans deliver rows slide by slide; two slides cover a boundary between threads.
+                    if len(recent) >= 4:
+                        recent.pop(next(iter(recent)))
+                    recent[slide_id] = found
+            return found
+
+        def rows(slide_ids: np.ndarray, tile_index: np.ndarray) -> np.ndarray:
+            out = np.empty((len(slide_ids), es.embed_dim), np.float32)
+            for sid in dict.fromkeys(slide_ids):
+                sel = slide_ids == sid
+                out[sel] = bag(sid)[tile_index[sel]]
+            return out
+
+        return rows
+
+    def _mean_reader(self, es: EmbeddingSet) -> _sql.MeanReader:
+        def mean(slide_id: str) -> np.ndarray:
+            emb = self.read_bag(es, slide_id)
+            return (emb[:, 0] if emb.ndim == 3 else emb).mean(0, dtype=np.float64).astype(np.float32)
+
+        return mean
+
+    # --- summary -----------------------------------------------------------------------------
+
+    def info(self) -> StoreInfo:
+        con = self._plain_con
+        counts = _sql.query(con,
+            "SELECT (SELECT count(*) FROM slides) AS slides, (SELECT sum(n_tiles) FROM slide_tilings) AS tiles, "
+            "(SELECT count(*) FROM failures) AS failures, (SELECT count(*) FROM labels) AS labelled").to_pylist()[0]
+        bag_counts = {r["set_id"]: (r["slides"], r["tiles"]) for r in _sql.query(con,
+            "SELECT set_id, count(*) AS slides, sum(n_tiles) AS tiles FROM bags GROUP BY set_id").to_pylist()}
+        sets = []
+        for view, es in self.view_names().items():
+            n_slides, n_tiles = bag_counts.get(es.id, (0, 0))
+            sets.append((view, f"{es.encoder_name} ({es.embed_dim}-d {es.dtype})", n_slides, int(n_tiles or 0)))
+        tilings = [(r["tiling_id"], f"{r['tile_size']} px @ {r['target_mpp']:g} µm/px", r["slides"],
+                    int(r["tiles"] or 0), r["with_pixels"]) for r in _sql.query(con,
+            "SELECT t.tiling_id, t.tile_size, t.target_mpp, count(st.slide_id) AS slides, sum(st.n_tiles) AS tiles, "
+            "count(*) FILTER (WHERE st.pixels) AS with_pixels FROM tilings t LEFT JOIN slide_tilings st "
+            "USING (tiling_id) GROUP BY ALL ORDER BY t.target_mpp, t.tile_size").to_pylist()]
+        size = self.state.bytes()
+        staging = sum(1 for _ in (self.root / STAGING).iterdir()) if (self.root / STAGING).is_dir() else 0
+        damaged = tuple(f"{d.path}: {d.problem}" for _, d in self.state.damaged)
+        return StoreInfo(self.root, counts["slides"], int(counts["tiles"] or 0),
+                         sorted({e.name for e in self.encoders()}), sets, counts["failures"], counts["labelled"],
+                         size, staging, tilings, self.version, len(self.state.entries), damaged)
+
+
+def _row_shape(es: EmbeddingSet) -> tuple[int, ...]:
+    return (es.embed_dim,) if es.views == 1 else (es.views, es.embed_dim)
+
+
+def _damage_in(err: duckdb.Error) -> str:
+    """Our damage message when a UDF raised StoreDamageError inside a DuckDB query, else ''."""
+    text = str(err)
+    marker = "StoreDamageError: "
+    return text.split(marker, 1)[1].splitlines()[0] if marker in text else ""
