@@ -72,7 +72,7 @@ def write(state: State, *, compact: bool = False) -> Checkpoint | None:
         for name in _sql.table_names():
             if name == "tiles":
                 continue
-            source = name if name in _sql.KEYS else f"_raw_{name}"
+            source = name if name in _sql.KEYS else f"{_sql.RAW}.{name}"
             size = _copy(con, f"SELECT * FROM {source}", staging / f"{name}.parquet")
             tables[name] = (f"{CHECKPOINTS}/{target.name}/{name}.parquet", size)
         parts = list(state.checkpoint.tile_parts) if state.checkpoint else []

@@ -5,9 +5,11 @@ and keep, for each key, the row of the latest commit. ``tiles`` keeps only tiles
 that ``slide_tilings`` points at, so re-tiling a slide replaces its tiles.
 
 ``emb_<model>`` is the ``tiles`` view with an ``embedding`` column computed by a vectorised Python
-function from the Zarr arrays. DuckDB evaluates it only for rows that survive the query's filters
-and joins (and not at all when the column is not selected), so a query about a few slides reads
-only those slides' arrays, and ``SHOW TABLES`` lists the view like any other.
+function from the Zarr arrays. DuckDB evaluates it only for rows that pass the filters it pushes
+into the tile scan (``slide_id = …``, ``IN (…)`` lists, tile ranges) and not at all when the column
+is not selected, so such a query reads only those slides' arrays, and ``SHOW TABLES`` lists the
+view like any other. A filter that arrives through a join (``JOIN labels … WHERE label = 1``) is
+applied after the vectors are computed; push it into the tile side with an ``IN (…)`` list.
 ``slide_emb_<model>`` does the same per slide: the mean of its tiles, computed in numpy (DuckDB
 has no array-valued ``avg``; one ``avg`` per dimension was 2× slower at 1M tiles × 1024).
 """
@@ -39,6 +41,9 @@ KEYS: dict[str, tuple[str, ...]] = {
 }
 """Rows with equal keys are versions of one thing; the latest commit wins. Failures keep history."""
 
+RAW = "store_files"
+"""Schema of the unresolved per-file views (every version of every row); SHOW TABLES lists only ``main``."""
+
 VARIABLE_COLUMNS = {"labels"}
 """Tables whose files may have different columns (each labels import brings its own)."""
 
@@ -62,24 +67,53 @@ def quote(value: str) -> str:
 
 
 def check_read_only(query: str) -> None:
-    """Refuse anything but SELECT/EXPLAIN: the SQL session must never change the store or the disk."""
+    """Let through exactly one SELECT (or a plain EXPLAIN of one); refuse everything else in one line.
+
+    Every statement type but SELECT can change the connection, the store or the disk, and
+    ``EXPLAIN ANALYZE`` executes the statement it explains, so only a plain EXPLAIN of a SELECT passes.
+    """
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as err:
-        raise duckdb.ParserException(f"SQL syntax error: {err}") from err
+        raise duckdb.ParserException(f"SQL syntax error: {str(err).splitlines()[0]}") from err
     if len(statements) != 1:
         raise ReadOnlyError(f"fs sql runs exactly one statement, got {len(statements)}; send them one at a time")
-    kind = statements[0].type
-    if kind not in ALLOWED:
+    try:
+        kind = statements[0].type
+    except ValueError as err:  # a statement type newer than the Python enum: certainly not a SELECT
+        raise ReadOnlyError("fs sql is read-only: only SELECT and EXPLAIN SELECT run") from err
+    if kind == duckdb.StatementType.EXPLAIN:
+        _check_explain(query)
+    elif kind != duckdb.StatementType.SELECT:
         raise ReadOnlyError(f"fs sql is read-only: {kind.name} statements are refused; "
-                            "only SELECT (with WITH, DESCRIBE, SUMMARIZE...) and EXPLAIN run")
+                            "only SELECT (with WITH, DESCRIBE, SUMMARIZE, SHOW...) and EXPLAIN SELECT run")
+
+
+def _check_explain(query: str) -> None:
+    keywords = [pos for pos, kind in duckdb.tokenize(query) if kind != duckdb.token_type.comment]
+    inner = query[keywords[1]:] if len(keywords) > 1 else ""
+    if inner[:7].upper() in ("ANALYZE", "ANALYSE"):
+        raise ReadOnlyError("fs sql is read-only: EXPLAIN ANALYZE executes its statement and is refused; "
+                            "use EXPLAIN without ANALYZE")
+    try:
+        kinds = [s.type for s in duckdb.extract_statements(inner)]
+    except (duckdb.Error, ValueError):  # ValueError: a type newer than the Python enum
+        kinds = []
+    if kinds != [duckdb.StatementType.SELECT]:
+        raise ReadOnlyError("fs sql is read-only: only EXPLAIN of a SELECT runs (EXPLAIN options are refused)")
+
+
+LOCKDOWN = ("SET autoinstall_known_extensions = false", "SET autoload_known_extensions = false",
+            "SET lock_configuration = true")
+"""Applied after the views exist: user SQL can neither fetch nor load extensions nor change settings."""
 
 
 def connect(state: State) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection whose table views read exactly the files of ``state``."""
     con = duckdb.connect(":memory:")
+    con.execute(f"CREATE SCHEMA {RAW}")
     for name in table_names():
-        raw = f"_raw_{name}"
+        raw = f"{RAW}.{name}"
         files = state.table_files(name)
         if files:
             # Only labels vary in columns between files; elsewhere union_by_name would make DuckDB open
@@ -99,9 +133,16 @@ def connect(state: State) -> duckdb.DuckDBPyConnection:
                         f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY commit_id DESC) = 1")
         else:
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM {raw}")
-    con.execute("CREATE VIEW tiles AS SELECT t.* FROM _raw_tiles t JOIN slide_tilings st "
+    con.execute(f"CREATE VIEW tiles AS SELECT t.* FROM {RAW}.tiles t JOIN slide_tilings st "
                 "ON t.slide_id = st.slide_id AND t.tiling_id = st.tiling_id AND t.commit_id = st.commit_id")
+    for statement in LOCKDOWN[:2]:
+        con.execute(statement)
     return con
+
+
+def lock(con: duckdb.DuckDBPyConnection) -> None:
+    """No more configuration changes on ``con``: call once its views and functions are defined."""
+    con.execute(LOCKDOWN[2])
 
 
 def query(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pa.Table:
@@ -130,9 +171,9 @@ def add_embedding_views(con: duckdb.DuckDBPyConnection, view: str, es: Embedding
     con.create_function(tile_fn, tile_vectors, [sqltypes.VARCHAR, sqltypes.BIGINT], vector, type="arrow",
                         side_effects=False)
     con.create_function(mean_fn, slide_means, [sqltypes.VARCHAR], vector, type="arrow", side_effects=False)
-    in_set = f"(SELECT slide_id FROM bags WHERE set_id = {quote(es.id)})"
     con.execute(f"CREATE VIEW {view} AS SELECT t.slide_id, t.tile_index, t.tile_id, t.x, t.y, "
-                f"{tile_fn}(t.slide_id, t.tile_index) AS embedding FROM tiles t "
-                f"WHERE t.tiling_id = {quote(es.tiling_id)} AND t.slide_id IN {in_set}")
+                f"{tile_fn}(t.slide_id, t.tile_index) AS embedding "
+                f"FROM (SELECT slide_id FROM bags WHERE set_id = {quote(es.id)}) b "
+                f"JOIN tiles t ON t.slide_id = b.slide_id AND t.tiling_id = {quote(es.tiling_id)}")
     con.execute(f"CREATE VIEW slide_{view} AS SELECT slide_id, n_tiles, {mean_fn}(slide_id) AS embedding "
                 f"FROM bags WHERE set_id = {quote(es.id)} AND n_tiles > 0")

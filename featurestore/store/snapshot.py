@@ -92,6 +92,7 @@ class Snapshot:
         con = self._plain_con
         for view, es in self.view_names().items():
             _sql.add_embedding_views(con, view, es, self._rows_reader(es), self._mean_reader(es))
+        _sql.lock(con)
         return con
 
     def sql(self, query: str, params: list | None = None) -> pa.Table:
