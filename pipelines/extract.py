@@ -7,7 +7,9 @@ stored against the same tile index.
 
 Resumability comes from the store: a slide is skipped when every requested
 encoder already has its bag, a slide tiled before gets only the missing
-encoders, and a crash leaves at most an invisible staging directory.
+encoders, and a crash leaves at most an invisible staging directory. What is
+done is judged from the encoders' specs (a checkpoint's hash), so a finished
+store builds no teacher.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +34,9 @@ from pipelines.discover import find_slides
 from pipelines.register import describe_slide
 from schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, TilingSpec
 from schemas._record import utcnow
+
+if TYPE_CHECKING:
+    from featurestore.encoders import Teacher
 
 
 @dataclass(frozen=True)
@@ -92,17 +98,50 @@ def resolve_device(device: str) -> str:
     return device
 
 
-_TEACHERS: dict[tuple, list] = {}
+_TeacherKey = tuple[str, str | None, str]
+_TEACHERS: dict[_TeacherKey, Teacher] = {}
+_SPECS: dict[_TeacherKey, EncoderSpec] = {}
 
 
-def load_teachers(opts: ExtractOptions, device: str) -> list:
-    """Teachers for this process, built once and kept (Dask workers reuse them across slides)."""
-    key = (opts.models, tuple(sorted(opts.weights.items())), device)
+def _key(name: str, opts: ExtractOptions, device: str) -> _TeacherKey:
+    return name, opts.weights.get(name), device
+
+
+def load_teacher(name: str, opts: ExtractOptions, device: str) -> Teacher:
+    """Teacher ``name`` for this process, built once and kept (Dask workers reuse it across slides)."""
+    key = _key(name, opts, device)
     if key not in _TEACHERS:
         from featurestore.encoders import build_teacher
 
-        _TEACHERS[key] = [build_teacher(m, weights=opts.weights.get(m), device=device) for m in opts.models]
+        _TEACHERS[key] = build_teacher(name, weights=key[1], device=device)
     return _TEACHERS[key]
+
+
+def load_teachers(opts: ExtractOptions, device: str) -> list[Teacher]:
+    """Every requested teacher, in ``opts.models`` order."""
+    return [load_teacher(m, opts, device) for m in opts.models]
+
+
+def teacher_specs(opts: ExtractOptions, device: str) -> dict[str, EncoderSpec]:
+    """Each requested teacher's spec, computed once per process without building the teacher.
+
+    A checkpoint is only hashed; a teacher with seeded weights is built (and kept), because only
+    its generated tensors identify it. Unknown teachers and missing weights raise here.
+    """
+    from featurestore.encoders import teacher_spec
+
+    for name in opts.models:
+        key = _key(name, opts, device)
+        if key not in _SPECS:
+            _SPECS[key] = (_TEACHERS[key].spec if key in _TEACHERS
+                           else teacher_spec(name, weights=key[1], device=device)
+                           or load_teacher(name, opts, device).spec)
+    return {m: _SPECS[_key(m, opts, device)] for m in opts.models}
+
+
+def missing_models(opts: ExtractOptions, device: str, done: frozenset[str] | None) -> list[str]:
+    """The requested teachers whose embedding set for this run is not among ``done``."""
+    return [m for m, spec in teacher_specs(opts, device).items() if _set_id(spec, opts) not in (done or ())]
 
 
 def _derived_tiling(base: TilingSpec, spec: PixelSpec) -> tuple[TilingSpec, int]:
@@ -185,10 +224,10 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
     stage = "open"
     try:
         device = resolve_device(opts.device)
-        teachers = load_teachers(opts, device)
-        todo = [t for t in teachers if _set_id(t.spec, opts) not in (done or ())]
-        if not todo:
+        missing = missing_models(opts, device, done)
+        if not missing:
             return SlideOutcome(str(path), slide_id, "skipped")
+        todo = [load_teacher(m, opts, device) for m in missing]
         slide = describe_slide(path, slide_id, reader=opts.reader, assume_mpp=opts.assume_mpp)
         already_tiled = done is not None
         with open_slide(path, opts.reader) as reader:
@@ -285,10 +324,10 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
                 on_outcome: Callable[[SlideOutcome], None] | None = None) -> ExtractReport:
     """Extract every slide under ``paths`` into the store, in-process or on a Dask cluster.
 
-    Unknown teachers and (in-process) missing weights fail before anything is written.
-    ``workers`` > 0 starts a local Dask cluster with one process per worker (one per GPU on a GPU
-    box); ``scheduler`` connects to an existing cluster. Each slide commits on its own, so any number
-    of workers keeps the store consistent.
+    Unknown teachers and (in-process) missing weights fail before anything is written; on a finished
+    store no teacher is built. ``workers`` > 0 starts a local Dask cluster with one process per
+    worker (one per GPU on a GPU box); ``scheduler`` connects to an existing cluster. Each slide
+    commits on its own, so any number of workers keeps the store consistent.
     """
     t0 = time.perf_counter()
     from featurestore.encoders import teacher_config
@@ -299,22 +338,31 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
     if not 1 <= opts.teacher_views <= DIHEDRAL_VIEWS:
         raise FsError(f"--teacher-views {opts.teacher_views}: choose 1..{DIHEDRAL_VIEWS} (the dihedral views of a "
                       "square tile)")
-    if not (workers or scheduler):
-        load_teachers(opts, resolve_device(opts.device))
+    in_process = not (workers or scheduler)
+    if in_process:
+        device = resolve_device(opts.device)
+        # Missing weights fail even on a finished store: their hash is what "finished" is judged by.
+        teacher_specs(opts, device)
     store = Store.open_or_create(store_path)
     found = find_slides(paths)
     report = ExtractReport(duplicates=found.duplicates, missing=found.missing)
+    progress = store.progress(opts.tiling.id)
+    jobs = [(sid, path, progress.get(sid)) for sid, path in found.slides.items()]
+    if in_process:
+        needed = {m for _, _, done in jobs for m in missing_models(opts, device, done)}
+        # Built before the run is recorded, so a checkpoint that does not fit fails the command, not each slide.
+        for name in opts.models:
+            if name in needed:
+                load_teacher(name, opts, device)
     run = Run(run_id=f"run-{time.time_ns()}-{os.getpid()}", command=command, versions=_versions(),
               host=socket.gethostname(), started_at=utcnow())
     store.register(run)
-    progress = store.progress(opts.tiling.id)
-    jobs = [(sid, path, progress.get(sid)) for sid, path in found.slides.items()]
     if on_start:
         on_start(len(jobs))
-    if workers or scheduler:
-        outcomes = _run_dask(jobs, store_path, opts, workers, scheduler)
-    else:
+    if in_process:
         outcomes = (extract_slide(store, path, sid, opts, done) for sid, path, done in jobs)
+    else:
+        outcomes = _run_dask(jobs, store_path, opts, workers, scheduler)
     for outcome in outcomes:
         report.outcomes.append(outcome)
         if on_outcome:

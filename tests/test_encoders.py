@@ -26,11 +26,13 @@ from safetensors.torch import save_file
 from featurestore.encoders import (
     Teacher,
     TeacherConfig,
+    _teacher,
     build_teacher,
     list_teachers,
     preprocess,
     register_teacher,
     teacher_config,
+    teacher_spec,
 )
 from featurestore.encoders._registry import load_entrypoint
 from featurestore.encoders._weights import load_strict, locate, read_state_dict
@@ -441,6 +443,58 @@ def test_local_checkpoint_with_sidecar(tmp_path):
     (tmp_path / "mine.json").write_text(json.dumps({"arch": "test_vit", "embed_dims": 64}))
     with pytest.raises(ModelError, match=r"lacks \['embed_dim', 'input_size', 'mean', 'std'\]"):
         teacher_config(f"local:{tmp_path / 'mine.pth'}")
+
+
+SPEC_KINDS = ["test/tiny-cnn", "test/tiny-vit", "efficientnet-lite0", "timm", "local", "student", "bfloat16"]
+BF16_CNN = TeacherConfig(name="test/bf16-cnn", builder="featurestore.encoders.testing:tiny_cnn", embed_dim=96,
+                         input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, pooling="mean", dtype="bfloat16")
+
+
+def checkpoint_of(kind: str, folder: Path) -> tuple[str, Path | None]:
+    """A teacher of ``kind`` whose weights are a file, and the ``weights=`` to pass for it."""
+    import timm
+
+    from featurestore.encoders.student import StudentEncoder
+
+    resnet = timm.create_model("test_resnet", num_classes=0)
+    if kind in ("test/tiny-cnn", "test/tiny-vit", "bfloat16"):
+        name = register_teacher(BF16_CNN).name if kind == "bfloat16" else kind
+        save_file(build_teacher(name).backbone.state_dict(), folder / "w.safetensors")
+        return name, folder / "w.safetensors"
+    if kind == "timm":
+        save_file(resnet.state_dict(), folder / "w.safetensors")
+        return "timm:test_resnet", folder / "w.safetensors"
+    if kind == "local":
+        torch.save(resnet.state_dict(), folder / "mine.pth")
+        (folder / "mine.json").write_text(json.dumps({"arch": "test_resnet", "embed_dim": 96, "input_size": 32,
+                                                      "mean": [0.5] * 3, "std": [0.5] * 3, "pooling": "mean"}))
+        return f"local:{folder / 'mine.pth'}", None
+    if kind == "student":
+        save_file(StudentEncoder(resnet, projection=16).state_dict(), folder / "student.safetensors")
+        (folder / "student.json").write_text(json.dumps({"arch": "test_resnet", "input_size": 32, "mean": [0.5] * 3,
+                                                         "std": [0.5] * 3, "embed_dim": 16, "projection": 16}))
+        return f"student:{folder}", None
+    return kind, None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("kind", SPEC_KINDS)
+def test_teacher_spec_is_the_built_teachers_spec_without_building_it(kind, device, tmp_path, monkeypatch):
+    name, weights = checkpoint_of(kind, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(_teacher, "load_entrypoint", lambda ref: pytest.fail(f"{ref} imported: the network was built"))
+        spec = teacher_spec(name, weights=weights, device=device)
+        on_gpu = teacher_spec(name, weights=weights, device="cuda")
+    assert spec == build_teacher(name, weights=weights, device=device).spec
+    assert (spec.dtype, on_gpu.dtype) == ("float32" if device == "cpu" else on_gpu.dtype, teacher_config(name).dtype)
+
+
+def test_teacher_spec_of_seeded_or_missing_weights():
+    assert teacher_spec("test/tiny-cnn") is None and teacher_spec("timm:test_resnet") is None, \
+        "seeded weights are known only by the hash of the generated tensors"
+    with pytest.raises(ModelError, match="does not exist; pass --weights PATH"):
+        teacher_spec("test/tiny-cnn", weights="/nonexistent/w.safetensors")
 
 
 @pytest.mark.gpu

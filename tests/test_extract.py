@@ -20,8 +20,8 @@ from featurestore.encoders import build_teacher
 from featurestore.slides import open_slide, read_tiles, tile_grid, tissue_mask
 from featurestore.store import Store
 from pipelines.demo import make_cohort
-from pipelines.extract import ExtractOptions, PixelSpec, dry_run_counts, run_extract
-from schemas import FsError, TilingSpec
+from pipelines.extract import ExtractOptions, PixelSpec, dry_run_counts, extract_slide, run_extract
+from schemas import FsError, ModelError, TilingSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "test/tiny-cnn"
@@ -44,6 +44,44 @@ def clean_store(cohort, tmp_path_factory):
     report = run_extract([cohort.root / "slides"], path, opts())
     assert not report.failed, [o.error for o in report.failed]
     return Store.open(path, read_only=True)
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory) -> Path:
+    """The test teacher's tensors as a checkpoint, so its spec is the file's hash rather than a build's."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "tiny_cnn.safetensors"
+    save_file(build_teacher(TEACHER).backbone.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def file_store(cohort, weights_file, tmp_path_factory) -> Path:
+    """A finished extraction with the checkpoint teacher."""
+    path = tmp_path_factory.mktemp("file") / "store"
+    report = run_extract([cohort.root / "slides"], path, opts(weights={TEACHER: str(weights_file)}))
+    assert not report.failed, [o.error for o in report.failed]
+    return path
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[str]:
+    """Names of the teachers built from here on; this process's teacher and spec caches start empty."""
+    import featurestore.encoders
+    import pipelines.extract
+
+    built: list[str] = []
+    real = featurestore.encoders.build_teacher
+
+    def build(name: str, **kw):
+        built.append(name)
+        return real(name, **kw)
+
+    monkeypatch.setattr(featurestore.encoders, "build_teacher", build)
+    monkeypatch.setattr(pipelines.extract, "_TEACHERS", {})
+    monkeypatch.setattr(pipelines.extract, "_SPECS", {})
+    return built
 
 
 def snapshot(store: Store, model: str = TEACHER) -> dict[str, tuple]:
@@ -97,18 +135,48 @@ def test_pipeline_embeddings_equal_a_direct_model_call(clean_store):
     assert np.array_equal(stored, direct.astype(np.float16).astype(np.float32))
 
 
-def test_rerun_skips_and_new_model_runs_only_on_existing_tiles(cohort, clean_store, tmp_path):
+def test_rerun_skips_and_new_model_runs_only_on_existing_tiles(cohort, clean_store, tmp_path, builds):
     path = tmp_path / "store"
     shutil.copytree(clean_store.root, path)
     again = run_extract([cohort.root / "slides"], path, opts())
     assert [o.status for o in again.outcomes] == ["skipped"] * 3
+    assert builds == [TEACHER], "seeded weights are identified by building them, once"
     tile_commits = Store.open(path).sql("SELECT DISTINCT commit_id FROM tiles ORDER BY 1").to_pylist()
     more = run_extract([cohort.root / "slides"], path, opts(TEACHER, "test/tiny-vit"))
     assert [o.models for o in more.outcomes] == [("test/tiny-vit",)] * 3
+    assert builds == [TEACHER, "test/tiny-vit"]
     store = Store.open(path)
     assert store.sql("SELECT DISTINCT commit_id FROM tiles ORDER BY 1").to_pylist() == tile_commits
     assert snapshot(store) == snapshot(clean_store)
     assert store.info().embedding_sets[1][3] == store.info().tiles
+
+
+def test_rerun_of_a_finished_store_builds_no_teacher(cohort, file_store, weights_file, tmp_path, builds):
+    path = tmp_path / "store"
+    shutil.copytree(file_store, path)
+    o = opts(weights={TEACHER: str(weights_file)})
+    again = run_extract([cohort.root / "slides"], path, o)
+    assert [x.status for x in again.outcomes] == ["skipped"] * 3
+    store = Store.open(path)
+    slide = store.slides()[0]
+    done = store.progress(TILING.id)[slide.slide_id]
+    assert extract_slide(store, Path(slide.path), slide.slide_id, o, done).status == "skipped", \
+        "a Dask worker decides the same way"
+    assert builds == []
+    runs = len(store.runs())
+    with pytest.raises(ModelError, match="does not exist"):
+        run_extract([cohort.root / "slides"], path, opts(weights={TEACHER: str(tmp_path / "absent.pt")}))
+    assert len(Store.open(path).runs()) == runs, "missing weights fail before anything is written"
+
+
+def test_a_model_added_to_a_finished_store_is_the_only_one_built(cohort, file_store, weights_file, tmp_path,
+                                                                  builds):
+    path = tmp_path / "store"
+    shutil.copytree(file_store, path)
+    more = run_extract([cohort.root / "slides"], path, opts(TEACHER, "test/tiny-vit",
+                                                            weights={TEACHER: str(weights_file)}))
+    assert [x.models for x in more.outcomes] == [("test/tiny-vit",)] * 3
+    assert builds == ["test/tiny-vit"]
 
 
 def test_teacher_views_cache_dihedral_embeddings(cohort, clean_store, tmp_path):

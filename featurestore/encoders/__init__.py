@@ -3,7 +3,8 @@
 ``list_teachers()`` and ``teacher_config(name)`` never import torch or a vendor module;
 ``build_teacher(name)`` imports the one vendor module it needs, resolves the weights (explicit
 path, Hugging Face cache or hub, installed package, or a seed for test models) and returns a
-``Teacher``: uint8 RGB tiles in, one float32 embedding per tile out.
+``Teacher``: uint8 RGB tiles in, one float32 embedding per tile out. ``teacher_spec(name)`` gives
+the ``EncoderSpec`` that build would record, hashing a checkpoint without constructing the network.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ if TYPE_CHECKING:
     import torch
 
     from featurestore.encoders._teacher import Teacher, preprocess
+    from schemas import EncoderSpec
 
 __all__ = ["Teacher", "TeacherConfig", "build_teacher", "list_teachers", "preprocess", "register_teacher",
-           "teacher_config"]
+           "teacher_config", "teacher_spec"]
 
 
 def build_teacher(name: str, *, weights: str | Path | None = None,
@@ -30,6 +32,17 @@ def build_teacher(name: str, *, weights: str | Path | None = None,
     from featurestore.encoders._teacher import build
 
     return build(name, weights=weights, device=device)
+
+
+def teacher_spec(name: str, *, weights: str | Path | None = None,
+                 device: str | torch.device = "cpu") -> EncoderSpec | None:
+    """``build_teacher(name, ...).spec`` without building it; None for seeded weights (only a build can hash them).
+
+    Weights are located as ``build_teacher`` does, so missing weights fail here the same way.
+    """
+    from featurestore.encoders._teacher import spec
+
+    return spec(name, weights=weights, device=device)
 
 
 def __getattr__(attr: str) -> Any:

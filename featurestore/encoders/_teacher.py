@@ -156,12 +156,29 @@ def build(name: str, *, weights: str | Path | None, device: str | torch.device) 
             state = load_entrypoint(config.checkpoint_filter)(state, backbone)
         load_strict(config.name, backbone, state, found.source)
         digest, source = sha256_file(found.path), found.source
-    spec = EncoderSpec(name=config.name, version=config.version, weights_sha256=digest,
-                       embed_dim=config.embed_dim, input_size=config.input_size, mean=config.mean,
-                       std=config.std, pooling=config.pooling,
-                       dtype=config.dtype if target.type == "cuda" else "float32", source=source,
-                       license=config.license)
-    teacher = Teacher(config, backbone, spec)
+    teacher = Teacher(config, backbone, _spec(config, digest, source, target))
     if target.type == "cuda":
         teacher.backbone.to(memory_format=torch.channels_last)
     return teacher.to(target)
+
+
+def spec(name: str, *, weights: str | Path | None, device: str | torch.device) -> EncoderSpec | None:
+    """``build(name, ...).spec`` without constructing the network, or None when only building can tell.
+
+    A checkpoint file is identified by its sha256, so hashing it is enough. Seeded weights are
+    identified by the hash of the generated tensors, which exist only once the backbone is built.
+    """
+    config = teacher_config(name)
+    found = locate(config, weights)
+    if found is None:
+        return None
+    return _spec(config, sha256_file(found.path), found.source, torch.device(device))
+
+
+def _spec(config: TeacherConfig, digest: str, source: str, device: torch.device) -> EncoderSpec:
+    """The one place an ``EncoderSpec`` is made, shared by ``build`` and ``spec`` so the two always agree."""
+    return EncoderSpec(name=config.name, version=config.version, weights_sha256=digest,
+                       embed_dim=config.embed_dim, input_size=config.input_size, mean=config.mean,
+                       std=config.std, pooling=config.pooling,
+                       dtype=config.dtype if device.type == "cuda" else "float32", source=source,
+                       license=config.license)
