@@ -78,3 +78,24 @@ def test_labels_import_and_bad_row(store_path, tmp_path):
 def test_unknown_model_lists_choices(store_path):
     with pytest.raises(KeyError, match="emb_uni"):
         Store.open(store_path).embedding_set("virchow2")
+
+
+def test_verify_vacuum_compact_and_migrate_from_the_command_line(store_path):
+    assert run("compact", "-s", str(store_path)).exit_code == 0
+    clean = run("verify", "-s", str(store_path), "--deep")
+    assert clean.exit_code == 0 and "no damage found" in clean.output
+    snap = Store.open(store_path).snapshot()
+    commit = next(iter(snap.bag_commits(snap.embedding_set("uni")).values()))
+    shard = next(p for p in (store_path / "commits" / commit / "emb").rglob("*")
+                 if p.is_file() and p.name != "zarr.json")
+    shard.write_bytes(shard.read_bytes()[:10])
+    read = run("sql", "SELECT sum(embedding[1]) FROM emb_uni", "-s", str(store_path))
+    assert read.exit_code == 2 and "Traceback" not in read.output and "fs verify" in read.output
+    damaged = run("verify", "-s", str(store_path))
+    assert damaged.exit_code == 1 and str(shard) in damaged.output.replace("\n", "")
+    dropped = run("verify", "-s", str(store_path), "--drop-damaged")
+    assert dropped.exit_code == 0 and "dropped 1 commits" in dropped.output
+    assert "slides 1" in run("info", "-s", str(store_path)).output
+    vacuum = run("vacuum", "-s", str(store_path), "--retention-hours", "0")
+    assert vacuum.exit_code == 0 and "removed" in vacuum.output
+    assert "already current" in run("migrate", str(store_path)).output.replace("\n", "")
