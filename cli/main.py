@@ -69,13 +69,16 @@ def sql(query: Annotated[str, typer.Argument(help="One read-only SELECT over the
 @labels_app.command("import")
 @friendly
 def labels_import(csv: Annotated[Path, typer.Argument(help="Labels CSV with a header row.")], store: StoreOpt,
-                  key: Annotated[str, typer.Option(help="Column matching slides: filename or slide_id.")]
-                  = "filename") -> None:
-    """Store any label columns, joined to slides by file name or slide id; all rows must match."""
-    if key not in ("filename", "slide_id"):
-        raise typer.BadParameter(f"--key must be filename or slide_id, got {key!r}")
-    n = Store.open(store).import_labels(csv, key)  # type: ignore[arg-type]
-    console.print(f"imported labels for {n} slides from {csv}")
+                  key_column: Annotated[str | None, typer.Option(
+                      "--key-column", "--key", help="Column naming the slide: its slide id, file name or file stem "
+                      "(default: the first of slide_id, filename, slide, wsi, file, path).")] = None,
+                  skip_unknown: Annotated[bool, typer.Option(
+                      "--skip-unknown", help="Import the other rows when some name no slide in the store.")]
+                  = False) -> None:
+    """Attach label columns to slides. Columns in the file replace those of its slides; others are kept."""
+    report = Store.open(store).import_labels(csv, key_column, skip_unknown=skip_unknown)
+    console.print(f"imported labels for {report.rows} slides from {csv}"
+                  + (f"; skipped {report.skipped} rows naming no slide in the store" if report.skipped else ""))
 
 
 @slides_app.command("add")

@@ -22,7 +22,7 @@ import zarr
 
 from featurestore.store import _checkpoint, _log, _maintenance, _manifest
 from featurestore.store._commit import Transaction, fsync_tree
-from featurestore.store._labels import LabelKey, read_labels
+from featurestore.store._labels import LabelsImport, read_labels
 from featurestore.store._layout import (
     CHECKPOINTS,
     COMMITS,
@@ -329,13 +329,22 @@ class Store:
                                      "commit its tiles first")
         return n
 
-    def import_labels(self, csv_path: str | Path, key: LabelKey = "filename") -> int:
-        """Store a labels CSV joined to slides; nothing is written unless every row matches. Returns rows."""
+    def import_labels(self, csv_path: str | Path, key: str | None = None, *,
+                      skip_unknown: bool = False) -> LabelsImport:
+        """Store a labels CSV joined to slides by the ``key`` column (default: the first of ``KEY_COLUMNS``).
+
+        Columns the file brings replace those of its slides; their other label columns stay. Nothing is
+        written unless every cell decodes and fits its column and every row names a slide (rows naming
+        no slide are left out and counted with ``skip_unknown``).
+        """
         self._writable()
-        labels = read_labels(Path(csv_path), key, self.snapshot()._query("SELECT slide_id, path FROM slides"))
-        with self.transaction() as txn:
-            txn.add_table("labels", labels)
-        return labels.num_rows
+        snap = self.snapshot()
+        labels = read_labels(Path(csv_path), key, snap._query("SELECT slide_id, path FROM slides"),
+                             snap._query("SELECT * EXCLUDE (commit_id) FROM labels"), skip_unknown=skip_unknown)
+        if labels.table.num_rows:
+            with self.transaction() as txn:
+                txn.add_table("labels", labels.table)
+        return labels
 
     # --- maintenance -------------------------------------------------------------------------
 
