@@ -115,7 +115,8 @@ def index_info(store: StoreOpt, model: ModelOpt) -> None:
     console.print(f"parameters: {values}; built {manifest.built_at} on {manifest.device}, updated "
                   f"{manifest.updated_at}, faiss {manifest.faiss_version}", highlight=False)
     state = "[green]up to date[/green]" if status.fresh else f"[red]stale[/red]: {status.describe()}"
-    console.print(f"status: {state}" + ("" if status.fresh else f"; run `fs index build --model {model}`"))
+    fix = f"`fs index build --model {model}{' --rebuild' if status.file_missing else ''}`"
+    console.print(f"status: {state}" + ("" if status.fresh else f"; run {fix}"))
 
 
 @friendly

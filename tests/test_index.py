@@ -276,6 +276,30 @@ def test_missing_index_and_read_only_store(store):
         build_index(Store.open(store.root, read_only=True), "uni")
 
 
+@pytest.mark.parametrize("damage", ["truncated manifest", "garbage manifest", "deleted index file",
+                                    "truncated index file"])
+def test_damaged_derived_index_is_stale_with_the_fix_and_a_rebuild_recovers(store, damage):
+    build_index(store, "uni")
+    tile = some_tile(store)
+    expected = search(store, "uni", tile_id=tile, k=5)
+    manifest = next((store.root / "indexes").rglob("manifest.json"))
+    index_file = next((store.root / "indexes").rglob("*.faiss"))
+    if damage == "truncated manifest":
+        manifest.write_text(manifest.read_text()[:50])
+    elif damage == "garbage manifest":
+        manifest.write_text('{"manifest_version": 1, "bags": 3}')
+    elif damage == "deleted index file":
+        index_file.unlink()
+    else:
+        index_file.write_bytes(index_file.read_bytes()[:100])
+    with pytest.raises(StaleIndexError, match="--rebuild"):
+        search(store, "uni", tile_id=tile, k=5)
+    if damage == "deleted index file":
+        assert index_status(store, "uni")[1].file_missing
+    assert build_index(store, "uni", rebuild=True).action in ("built", "rebuilt")
+    assert search(store, "uni", tile_id=tile, k=5) == expected
+
+
 def test_contact_sheet_from_cached_pixels(store, tmp_path):
     from PIL import Image
 

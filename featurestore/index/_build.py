@@ -9,9 +9,11 @@ re-written or removed slide forces a rebuild, which the report says.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -90,8 +92,12 @@ def index_status(store: Store | Snapshot, model: str) -> tuple[Manifest | None, 
     """The set's index manifest (None when never built) and how the set has changed since."""
     store = store.snapshot() if isinstance(store, Store) else store
     es = store.embedding_set(model)
-    manifest = read_manifest(index_dir(store.root, es.id))
-    return manifest, diff(manifest.bags if manifest else (), current_bags(store, es))
+    directory = index_dir(store.root, es.id)
+    manifest = read_manifest(directory)
+    status = diff(manifest.bags if manifest else (), current_bags(store, es))
+    if manifest is not None and not (directory / manifest.index_file).is_file():
+        status = dataclasses.replace(status, file_missing=True)
+    return manifest, status
 
 
 def _pool(vectors: np.ndarray) -> np.ndarray:
@@ -172,7 +178,7 @@ def build_index(store: Store, model: str, *, kind: str | None = None, gpu: bool 
     snap = store.snapshot()
     es = snap.embedding_set(model)
     directory = index_dir(store.root, es.id)
-    old = read_manifest(directory)
+    old = _readable_manifest(directory, rebuild)
     current = current_bags(snap, es)
     if not current:
         raise IndexBuildError(f"{store.root}: embedding set {es.encoder_name} ({es.id}) has no slides yet; "
@@ -222,6 +228,19 @@ def build_index(store: Store, model: str, *, kind: str | None = None, gpu: bool 
     return BuildReport(es.id, es.encoder_name, action, reason, params, len(wanted),
                        sum(bags[s].n_tiles for s in wanted), len(indexed), manifest.n_vectors, device,
                        time.perf_counter() - t0, _advice(manifest))
+
+
+def _readable_manifest(directory: Path, rebuild: bool) -> Manifest | None:
+    """The recorded index; a missing index file, and with ``rebuild`` a damaged manifest, count as none."""
+    try:
+        old = read_manifest(directory)
+    except StaleIndexError:
+        if not rebuild:
+            raise
+        return None
+    if old is not None and not (directory / old.index_file).is_file():
+        return None
+    return old
 
 
 def _check_trainable(params: IndexParams, n: int) -> None:
@@ -326,6 +345,13 @@ def load_index(store: Store | Snapshot, model: str) -> TileIndex:
                                   f"({status.describe()}); run `fs index build --model {model}` ({how})")
         path = directory / manifest.index_file
         if path.is_file():
-            return TileIndex(store, es, manifest, faiss.read_index(str(path)))
+            try:
+                return TileIndex(store, es, manifest, faiss.read_index(str(path)))
+            except RuntimeError as err:
+                raise StaleIndexError(f"{path}: unreadable index file ({str(err).splitlines()[0]}); rebuild it "
+                                      f"with `fs index build --model {model} --rebuild`") from err
+        if read_manifest(directory) == manifest:
+            raise StaleIndexError(f"{path}: the index file is missing; rebuild it with "
+                                  f"`fs index build --model {model} --rebuild`")
     raise IndexMissingError(f"{path}: index file vanished twice while loading (a build is replacing it); "
                             "retry when `fs index build` has finished")

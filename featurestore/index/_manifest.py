@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from featurestore.index._errors import StaleIndexError
 from featurestore.index._faiss import IndexParams
 from schemas import StoreVersionError
 
@@ -97,17 +98,20 @@ class IndexStatus:
     added: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
+    file_missing: bool = False
 
     @property
     def fresh(self) -> bool:
-        return not (self.added or self.changed or self.removed)
+        return not (self.added or self.changed or self.removed or self.file_missing)
 
     @property
     def extendable(self) -> bool:
         """Only new slides: adding their vectors brings the index up to date."""
-        return not (self.changed or self.removed)
+        return not (self.changed or self.removed or self.file_missing)
 
     def describe(self) -> str:
+        if self.file_missing:
+            return "the index file is missing"
         kinds = ((self.added, "added"), (self.changed, "re-written"), (self.removed, "removed"))
         parts = [f"{len(ids)} slide{'s' if len(ids) != 1 else ''} {what}" for ids, what in kinds if ids]
         return ", ".join(parts) + " since the index was built" if parts else "up to date"
@@ -126,8 +130,15 @@ def index_dir(root: Path, set_id: str) -> Path:
 
 
 def read_manifest(directory: Path) -> Manifest | None:
+    """The index's manifest, None when never built; a damaged one is a ``StaleIndexError`` with the fix."""
     path = directory / MANIFEST
-    return Manifest.from_json(path.read_text(), path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.from_json(path.read_text(), path)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise StaleIndexError(f"{path}: damaged index manifest ({type(err).__name__}: {err}); the index is derived "
+                              "data: rebuild it with `fs index build --rebuild`") from err
 
 
 def new_build_id() -> str:
