@@ -32,7 +32,7 @@ from featurestore.slides import open_slide, qc_overlay, read_tiles, tile_grid, t
 from featurestore.store import SlideCommit, Store, TiledPixels, tiles_table
 from pipelines.discover import find_slides
 from pipelines.register import describe_slide
-from schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, TilingSpec
+from schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec
 from schemas._record import utcnow
 
 if TYPE_CHECKING:
@@ -262,6 +262,8 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
                                        np.concatenate(seen) if cache_base else None, opts.dtype, extra))
         return SlideOutcome(str(path), slide_id, "done", len(grid), tuple(t.spec.name for t in todo),
                             time.perf_counter() - t0, device_s)
+    except StoreWriteError:
+        raise  # the store's disk, not the slide: every later slide would fail the same way
     except Exception as err:  # noqa: BLE001 - one bad slide must not stop a cohort; it is recorded below.
         message = str(err).splitlines()[0] if str(err) else repr(err)
         if not isinstance(err, FsError):

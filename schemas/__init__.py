@@ -12,6 +12,7 @@ from schemas.errors import (
     StoreDamageError,
     StoreExistsError,
     StoreVersionError,
+    StoreWriteError,
     UnknownEmbeddingSetError,
 )
 from schemas.records import (
@@ -47,6 +48,6 @@ __all__ = [
     "EncoderSpec", "Failure", "FsError",
     "InvalidRecordError", "LabelsError", "MissingMppError", "ModelError", "NotAStoreError",
     "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "StoreDamageError", "StoreExistsError",
-    "StoreVersionError", "Tile", "TilingSpec", "UnknownEmbeddingSetError", "arrow_schema",
+    "StoreVersionError", "StoreWriteError", "Tile", "TilingSpec", "UnknownEmbeddingSetError", "arrow_schema",
     "from_row", "stored_schema", "tile_id", "to_row", "to_table",
 ]

@@ -55,3 +55,7 @@ class ModelError(FsError, RuntimeError):
 
 class StoreDamageError(FsError, OSError):
     """A file the store's log says was written is missing, short or fails its checksum."""
+
+
+class StoreWriteError(FsError, OSError):
+    """The store's disk refused a write (full, quota, read-only, permissions); nothing was committed."""

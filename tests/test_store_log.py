@@ -287,3 +287,36 @@ def test_four_writers_a_reader_and_a_checkpoint(tmp_path, tiling):
     query = "SELECT slide_id, tile_index, tile_id, x, y, embedding FROM emb_test_enc ORDER BY ALL"
     assert Store.open(path).sql(query) == serial.sql(query)
     assert not Store.open(path).verify(deep=True).problems
+
+
+FULL_DISK_WRITER = textwrap.dedent("""
+    import resource, sys
+    from featurestore.store import Store
+    from schemas import StoreWriteError, TilingSpec
+    from tests.conftest import commit_random_slide, make_encoder
+
+    store = Store.open(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+    try:
+        commit_random_slide(store, 5, TilingSpec(0.5, 224), [make_encoder()], 4000, pixels=True)
+    except StoreWriteError as err:
+        print(err)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.parametrize("limit", [2_000, 200_000])
+def test_a_full_disk_leaves_the_store_as_it_was(tmp_path, tiling, limit):
+    """Under a file-size limit (what a full disk looks like to a writer) the commit fails cleanly."""
+    store = Store.create(tmp_path / "s")
+    commit_random_slide(store, 1, tiling, [make_encoder()], 10)
+    before = counts(store)
+    child = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(tmp_path / "s"), str(limit)], cwd=REPO,
+                           env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 3, child.stderr
+    assert f"{tmp_path / 's'}: cannot write to the store (File too large)" in child.stdout
+    assert "Traceback" not in child.stdout
+    reopened = Store.open(tmp_path / "s")
+    assert counts(reopened) == before and not any((tmp_path / "s" / "staging").iterdir())
+    commit_random_slide(reopened, 5, tiling, [make_encoder()], 40, pixels=True)
+    assert counts(reopened)[3] == 2, "the next run finishes the work"

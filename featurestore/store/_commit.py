@@ -9,6 +9,7 @@ or an unlogged commit) that ``vacuum`` removes later.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 
 from featurestore.store import _arrays, _log, _manifest
 from featurestore.store._layout import COMMITS, STAGING, fsync_dir, new_commit_id
-from schemas import TABLES, to_table
+from schemas import TABLES, StoreWriteError, to_table
 from schemas._record import Record
 
 
@@ -39,6 +40,10 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+"""Errors that say the store's disk refused a write, as opposed to a bad slide or bad data."""
+
+
 class Transaction:
     """Collect tables and arrays, then publish them atomically on a clean exit.
 
@@ -51,7 +56,13 @@ class Transaction:
         self.root = root
         self.commit_id = new_commit_id()
         self.staging = root / STAGING / self.commit_id
-        self.staging.mkdir(parents=True)
+        try:
+            self.staging.mkdir(parents=True)
+        except OSError as err:
+            if err.errno in DISK_ERRORS:
+                raise StoreWriteError(f"{root}: cannot write to the store ({err.strerror}); fix permissions or "
+                                      "free space, then re-run: nothing was committed") from err
+            raise
         self._known_version = known_version
         self._on_publish = on_publish
         self._records: dict[str, list[Record]] = {}
@@ -108,12 +119,16 @@ class Transaction:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is not None:
-            self.abort()
-            return
-        try:
-            self.publish()
-        except BaseException:
-            # A failed publish (disk full, Ctrl-C) must not leave a half-written staging tree behind.
-            self.abort()
-            raise
+        if exc is None:
+            try:
+                self.publish()
+                return
+            except BaseException as err:
+                # A failed publish (disk full, Ctrl-C) must not leave a half-written staging tree behind.
+                exc = err
+        self.abort()
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            raise StoreWriteError(f"{self.root}: cannot write to the store ({exc.strerror or exc}); free space, "
+                                  "raise the quota or fix permissions, then re-run: nothing was committed") from exc
+        if exc_type is None:
+            raise exc
