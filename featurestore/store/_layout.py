@@ -75,6 +75,8 @@ def write_marker(root: Path, version: int = FORMAT_VERSION) -> None:
 def read_marker_version(root: Path) -> int:
     """The store's format version, refusing non-stores and malformed markers with the fix."""
     marker = root / MARKER
+    if root.exists() and not root.is_dir():
+        raise NotAStoreError(f"{root}: is a file, not a store directory; pass the store's directory")
     if not marker.is_file():
         raise NotAStoreError(f"{root}: not a feature store (no {MARKER}); create one with `fs init {root}`")
     try:
