@@ -158,6 +158,20 @@ def _derived_tiling(base: TilingSpec, spec: PixelSpec) -> tuple[TilingSpec, int]
     return derived, k
 
 
+def check_options(opts: ExtractOptions) -> None:
+    """Everything that can be checked before a slide is read, so a bad option costs nothing and writes nothing."""
+    for name, value in (("--batch-size", opts.batch_size), ("--read-workers", opts.read_workers)):
+        if value < 1:
+            raise FsError(f"{name} {value}: must be at least 1")
+    if opts.assume_mpp is not None and not opts.assume_mpp > 0:
+        raise FsError(f"--assume-mpp {opts.assume_mpp}: must be a positive µm/px, e.g. 0.25 for 40x or 0.5 for 20x")
+    for spec in opts.cache_pixels:
+        if spec.size < 1 or not spec.mpp > 0:
+            raise FsError(f"--cache-pixels {spec}: size and µm/px must be positive, e.g. 224@0.5")
+        if not (spec.size == opts.tiling.tile_size and spec.mpp == opts.tiling.target_mpp):
+            _derived_tiling(opts.tiling, spec)
+
+
 def _batches(n: int, size: int) -> list[np.ndarray]:
     return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -340,13 +354,18 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
     if not 1 <= opts.teacher_views <= DIHEDRAL_VIEWS:
         raise FsError(f"--teacher-views {opts.teacher_views}: choose 1..{DIHEDRAL_VIEWS} (the dihedral views of a "
                       "square tile)")
+    check_options(opts)
+    found = find_slides(paths)
+    if not found.slides:
+        gone = f" ({len(found.missing)} do not exist, e.g. {found.missing[0]})" if found.missing else ""
+        raise FsError(f"no slides under {', '.join(map(str, paths))}{gone}; pass slide files, folders holding them "
+                      "or globs (see `fs extract --help` for the formats read)")
     in_process = not (workers or scheduler)
     if in_process:
         device = resolve_device(opts.device)
         # Missing weights fail even on a finished store: their hash is what "finished" is judged by.
         teacher_specs(opts, device)
     store = Store.open_or_create(store_path)
-    found = find_slides(paths)
     report = ExtractReport(duplicates=found.duplicates, missing=found.missing)
     progress = store.progress(opts.tiling.id)
     jobs = [(sid, path, progress.get(sid)) for sid, path in found.slides.items()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -414,3 +415,26 @@ def test_cli_extract_summary_dry_run_and_exit_code(cohort, tmp_path):
     assert bad.exit_code == 1 and "broken.svs" in bad.output
     unknown = runner.invoke(app, ["extract", str(cohort.root / "slides"), "-s", str(store), "-m", "nope"])
     assert unknown.exit_code == 2 and "nope" in unknown.output and len(unknown.output.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["{missing}"], "no slides under .*do not exist"),
+    (["{empty}"], "no slides under"),
+    (["{slides}", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["{slides}", "--cache-pixels", "224@0.7"], "--cache-pixels 224@0.7: its field of view must be a whole multiple"),
+    (["{slides}", "--assume-mpp", "-1"], "--assume-mpp -1.0: must be a positive"),
+])
+def test_bad_inputs_fail_before_anything_is_created(cohort, tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    (tmp_path / "empty").mkdir()
+    store = tmp_path / "store"
+    filled = [a.format(missing=tmp_path / "nope", empty=tmp_path / "empty", slides=cohort.root / "slides")
+              for a in args]
+    result = CliRunner().invoke(app, ["extract", *filled, "-s", str(store), "-m", TEACHER])
+    assert result.exit_code == 2, result.output
+    text = result.output.replace("\n", "")
+    assert re.search(message, text) and "Traceback" not in text
+    assert not store.exists(), "nothing was created"
