@@ -199,11 +199,12 @@ def export_cmd(
     model: ModelOpt,
     layout: Annotated[Layout, typer.Option(help="Layout to write: trident, clam or stamp.")],
     fmt: Annotated[FileFormat, typer.Option("--format", help="File format.")] = FileFormat.h5,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <slide>.h5 files.")] = False,
 ) -> None:
     """Write an embedding set as per-slide HDF5 files that TRIDENT, CLAM or STAMP code reads."""
     from pipelines.interop import export_features
 
-    report = export_features(Store.open(store, read_only=True), model, out_dir, layout.value)
+    report = export_features(Store.open(store, read_only=True), model, out_dir, layout.value, overwrite=overwrite)
     console.print(f"wrote {len(report.files)} {fmt.value} files ({layout.value} layout) to {out_dir}; "
                   f"{report.verbatim} exactly as imported", highlight=False)
     for slide_id, name in report.renamed:

@@ -531,25 +531,34 @@ def _generated_attrs(layout: str, name: str, out_dir: Path, slide: Slide, tiling
         "tile_size_um": np.float64(tiling.tile_size * tiling.target_mpp), "feat_type": "tile"}}
 
 
-def export_features(store: Store, model: str, out_dir: str | Path, layout: str) -> ExportReport:
+def export_features(store: Store, model: str, out_dir: str | Path, layout: str, *,
+                    overwrite: bool = False) -> ExportReport:
     """Write one HDF5 file per slide of an embedding set in a tool's layout (see the module docstring).
 
     A bag imported from this layout and not re-written since is written back verbatim (features,
     coordinates and attributes); other bags get the layout's attributes computed from the store.
+    Existing files are replaced only with ``overwrite``. Everything comes from one store snapshot.
     """
     if layout not in LAYOUTS:
         raise InteropError(f"layout {layout!r} is unknown; choose one of {', '.join(LAYOUTS)}")
+    store = store.snapshot()
     es = store.embedding_set(model)
     if es.views != 1:
         raise InteropError(f"{store.root}: {es.encoder_name} stores {es.views} views per tile, and h5 "
                            "layouts hold one vector per tile; export a single-view embedding set")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InteropError(f"{out}: is a file; give a folder for the per-slide .h5 files")
     tiling = next(t for t in store.tilings() if t.id == es.tiling_id)
     bags = {r["slide_id"]: r["commit_id"] for r in store.sql(
         "SELECT slide_id, commit_id FROM bags WHERE set_id = ?", [es.id]).to_pylist()}
     slides = {s.slide_id: s for s in store.slides() if s.slide_id in bags}
     names = _file_names(slides)
+    taken = [out / f"{n}.h5" for n in names.values() if (out / f"{n}.h5").exists()]
+    if taken and not overwrite:
+        raise InteropError(f"{taken[0]}: exists ({len(taken)} of the {len(names)} files would be replaced); "
+                           "choose an empty folder, or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
     rows = store.sql(f"SELECT * FROM {IMPORTS_TABLE} WHERE set_id = ?", [es.id])
     imported = {r["slide_id"]: r for r in rows.to_pylist()}
     files, verbatim = [], 0

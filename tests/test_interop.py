@@ -143,7 +143,7 @@ def test_clam_without_attributes_needs_the_patch_size(tmp_path, files):
     assert store.info().slides == 0, "nothing is written when a file is refused"
     enough = ImportOptions(patch_size=256, assume_mpp=0.5, model_name="r50")
     import_features(store, [files["clam_bare"]], enough)
-    assert export_features(store, "r50", tmp_path / "clam", "clam").verbatim == 2, "written back as it came"
+    assert export_features(store, "r50", tmp_path / "clam_out", "clam").verbatim == 2, "written back as it came"
     assert export_features(store, "r50", tmp_path / "trident", "trident").verbatim == 0
     with h5py.File(tmp_path / "trident" / "case_1.h5") as f:
         attrs = {k: f["coords"].attrs[k] for k in ("patch_size", "patch_size_level0", "target_magnification")}
@@ -229,3 +229,20 @@ def test_slides_folder_gives_real_slide_ids(tmp_path, real_slide):
     assert report.imported[0][1] == fingerprint(real_slide)
     slide = store.slides()[0]
     assert (slide.width, slide.height, slide.mpp_assumed) == (2220, 2967, False)
+
+
+def test_export_never_replaces_a_users_files_unless_asked(tmp_path, tiling):
+    store = Store.create(tmp_path / "s")
+    commit_random_slide(store, 0, tiling, [make_encoder("uni", 4)], 5)
+    mine = tmp_path / "out" / "slide_0.h5"
+    mine.parent.mkdir()
+    mine.write_bytes(b"my own analysis")
+    with pytest.raises(InteropError, match=r"slide_0.h5: exists \(1 of the 1 files.*--overwrite"):
+        export_features(store, "uni", tmp_path / "out", "trident")
+    assert mine.read_bytes() == b"my own analysis"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InteropError, match="afile: is a file"):
+        export_features(store, "uni", tmp_path / "afile", "trident")
+    assert len(export_features(store, "uni", tmp_path / "out", "trident", overwrite=True).files) == 1
+    with h5py.File(mine) as f:
+        assert f["features"].shape == (5, 4)
