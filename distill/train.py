@@ -27,7 +27,7 @@ import torch
 
 from distill import report
 from distill.data import BagDataset, BagReader, BagSource
-from distill.errors import ConfigError, RunDirError
+from distill.errors import ConfigError, check_new_run_dir
 from distill.mil import HeadConfig, MILHead, build_head
 from distill.runtime import amp_dtype, autocast, batches, infer, make_loader, resolve_device, save_checkpoint
 from distill.splits import Split, column_splits, kfold_splits
@@ -188,8 +188,7 @@ def fit_head(head: MILHead, task: Task, train_ds: BagDataset, val_ds: BagDataset
 def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
     """Cross-validate a head as configured and write the run directory ``cfg.out``."""
     say = on_progress or (lambda _: None)
-    if cfg.out.exists() and any(cfg.out.iterdir()):
-        raise RunDirError(f"{cfg.out}: run directory exists and is not empty; choose a new --out or delete it")
+    check_new_run_dir(cfg.out)
     store = Store.open(cfg.store, read_only=True)
     es = store.embedding_set(cfg.model)
     reader = BagReader(store, es, cache_bytes=int(cfg.cache_gb * 2**30))

@@ -283,6 +283,9 @@ def test_cohort_problems_are_one_line_errors(cohort, tmp_path):
     (tmp_path / "taken" / "x").write_text("x")
     with pytest.raises(RunDirError, match="not empty"):
         train(config(cohort.store, tmp_path / "taken"))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(RunDirError, match="a-file: is a file"):
+        train(config(cohort.store, tmp_path / "a-file"))
     with pytest.raises(ConfigError, match="--batch-size"):
         config(cohort.store, tmp_path / "a", batch_size=0)
 

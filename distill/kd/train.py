@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distill.data import ArrayBags, BagReader
-from distill.errors import ConfigError, RunDirError
+from distill.errors import ConfigError, check_new_run_dir
 from distill.kd import evaluate as E
 from distill.kd.data import (
     DIHEDRAL_VIEWS,
@@ -431,8 +431,7 @@ def distill(cfg: DistillConfig, on_progress: Progress | None = None) -> DistillR
     """Train a student as configured and write the run directory ``cfg.out`` (see the module docstring)."""
     say = on_progress or (lambda _: None)
     started = time.perf_counter()
-    if cfg.out.exists() and any(cfg.out.iterdir()):
-        raise RunDirError(f"{cfg.out}: run directory exists and is not empty; choose a new --out or delete it")
+    check_new_run_dir(cfg.out)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     staging = cfg.out.parent / f".{cfg.out.name}.partial-{run_id}"
     staging.mkdir(parents=True)

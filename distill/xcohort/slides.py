@@ -37,7 +37,7 @@ from scipy import stats
 from torch import Tensor, nn
 
 from distill.data import BagDataset, BagReader
-from distill.errors import ConfigError, RunDirError
+from distill.errors import ConfigError, check_new_run_dir
 from distill.mil import HeadConfig, MILHead, build_head
 from distill.runtime import batches, infer, make_loader, resolve_device
 from distill.splits import Split, kfold_splits
@@ -428,8 +428,7 @@ def _score_rows(head: MILHead | _Standardised, task: Task, prep: _Prepared, sp: 
 
 def write_run(result: SlideDistillResult, out: Path) -> None:
     """``config.json``, ``metrics.json`` (per-seed test and validation metrics) and ``predictions.parquet``."""
-    if out.exists() and any(out.iterdir()):
-        raise RunDirError(f"{out}: directory exists and is not empty; choose a new --out or delete it")
+    check_new_run_dir(out)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
