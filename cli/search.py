@@ -15,7 +15,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli._common import OutputFormat, StoreOpt, console, err_console, friendly, print_table
-from featurestore.index import build_index, contact_sheet, embed_image, index_status, search
 from featurestore.store import Store
 
 index_app = typer.Typer(help="FAISS indexes of embedding sets, searched by fs search.", no_args_is_help=True)
@@ -83,6 +82,8 @@ def index_build(
     ef_search: Annotated[int | None, typer.Option(help="HNSW search breadth (default 128).")] = None,
 ) -> None:
     """Build the FAISS index of an embedding set, or add the slides extracted since (incremental)."""
+    from featurestore.index import build_index
+
     with _progress("index") as progress:
         task = progress.add_task("slides", total=None)
         report = build_index(
@@ -104,6 +105,8 @@ def index_build(
 @friendly
 def index_info(store: StoreOpt, model: ModelOpt) -> None:
     """Show an embedding set's index: layout, size, and whether it is up to date."""
+    from featurestore.index import index_status
+
     manifest, status = index_status(Store.open(store, read_only=True), model)
     if manifest is None:
         console.print(f"no index for {model}; build it with `fs index build --model {model}`")
@@ -147,6 +150,8 @@ def search_cmd(
     if len(given) != 1:
         raise typer.BadParameter(f"give exactly one of --tile, --slide, --image, --query (got "
                                  f"{', '.join(given) or 'none'})")
+    from featurestore.index import contact_sheet, embed_image, search
+
     s = Store.open(store, read_only=True)
     vector = None if image is None else embed_image(s, model, image, weights=weights, device=device)
     results = search(s, model, tile_id=tile, slide_id=slide, vector=vector, query_sql=query, k=k, where=where,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
-from zarr.storage import LocalStore
+
+if TYPE_CHECKING:
+    import zarr
 
 EMBEDDING_CHUNK_ROWS = 256
 """Inner chunk of an embedding array: small enough for cheap random tile access, large enough to compress."""
@@ -25,6 +26,10 @@ def write_embeddings(path: Path, data: np.ndarray) -> None:
 
     Byte-shuffled Blosc-zstd compresses float16 embeddings noticeably better than plain zstd.
     """
+    import zarr  # imported on first use: zarr (and the cupy it probes for) costs 0.5 s of every CLI start
+    from zarr.codecs import BloscCodec, BloscShuffle
+    from zarr.storage import LocalStore
+
     n = data.shape[0]
     chunk = (min(EMBEDDING_CHUNK_ROWS, n), *data.shape[1:])
     shard = (_rows_to_shard(n, chunk[0]), *data.shape[1:])
@@ -37,6 +42,10 @@ def write_embeddings(path: Path, data: np.ndarray) -> None:
 
 def write_pixels(path: Path, data: np.ndarray) -> None:
     """Write (n, h, w, 3) uint8 tile pixels: one chunk per tile for random access, 256 tiles a shard."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+    from zarr.storage import LocalStore
+
     n = data.shape[0]
     chunk = (PIXEL_CHUNK_TILES, *data.shape[1:])
     shard = (_rows_to_shard(n, PIXEL_SHARD_TILES) if n >= PIXEL_SHARD_TILES else n, *data.shape[1:])
@@ -46,4 +55,7 @@ def write_pixels(path: Path, data: np.ndarray) -> None:
 
 
 def open_array(path: Path) -> zarr.Array:
+    import zarr
+    from zarr.storage import LocalStore
+
     return zarr.open_array(LocalStore(path, read_only=True), mode="r")

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zarr
 
 from featurestore.store import _arrays, _manifest, _sql
 from featurestore.store._layout import COMMITS, STAGING
@@ -36,6 +36,9 @@ from schemas import (
     UnknownEmbeddingSetError,
     from_row,
 )
+
+if TYPE_CHECKING:
+    import zarr
 
 _VIEW_SAFE = re.compile(r"[^a-z0-9_]")
 

@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zarr
 
 from featurestore.store import _checkpoint, _log, _maintenance, _manifest
 from featurestore.store._commit import Transaction, fsync_tree
@@ -53,6 +52,9 @@ from schemas import (
     tile_id,
 )
 from schemas import Tile as TileRecord
+
+if TYPE_CHECKING:
+    import zarr
 
 CHECKPOINT_EVERY = 100
 """A writer whose commit lands on a multiple of this version folds the tables into a checkpoint."""
