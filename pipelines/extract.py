@@ -228,18 +228,21 @@ def embed_batches(teachers: list, pixel_batches: Iterator[tuple[np.ndarray, np.n
 
 
 def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
-                  done: frozenset[str] | None = None) -> SlideOutcome:
+                  done: frozenset[str] | None = None, pixels_done: frozenset[str] = frozenset()) -> SlideOutcome:
     """Extract one slide and commit it; failures are recorded in the store and returned, never raised.
 
     ``done`` is the resume state from ``Store.progress``: None when the slide has no tiles for this
-    tiling yet, else the ids of the embedding sets already holding its bag.
+    tiling yet, else the ids of the embedding sets already holding its bag. ``pixels_done`` holds the
+    tilings whose pixels the store already caches for the slide: ``--cache-pixels`` on a finished
+    slide adds the missing ones, without running a teacher.
     """
     t0 = time.perf_counter()
     stage = "open"
     try:
         device = resolve_device(opts.device)
         missing = missing_models(opts, device, done)
-        if not missing:
+        pixel_tilings = wanted_pixels(opts) - pixels_done
+        if not missing and not pixel_tilings:
             return SlideOutcome(str(path), slide_id, "skipped")
         todo = [load_teacher(m, opts, device) for m in missing]
         slide = describe_slide(path, slide_id, reader=opts.reader, assume_mpp=opts.assume_mpp)
@@ -259,18 +262,23 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
             size = opts.tiling.tile_size
             batches = _batches(len(grid), opts.batch_size)
             stream = _prefetch(lambda idx: read_tiles(reader, grid, idx, size), batches, opts.read_workers, depth=3)
-            cache_base = not already_tiled and any(p.size == size and p.mpp == opts.tiling.target_mpp
-                                                   for p in opts.cache_pixels)
-            embeddings, device_s, seen = embed_batches(todo, stream, len(grid), device, keep_pixels=cache_base,
-                                                       views=opts.teacher_views)
+            cache_base = opts.tiling.id in pixel_tilings
+            embeddings, device_s, seen = {}, 0.0, []
+            if todo or cache_base:
+                embeddings, device_s, seen = embed_batches(todo, stream, len(grid), device, keep_pixels=cache_base,
+                                                           views=opts.teacher_views)
             stage = "pixels"
-            extra = () if already_tiled else tuple(_extra_layers(reader, slide_id, grid, opts))
+            extra = tuple(_extra_layers(reader, slide_id, grid, opts, pixel_tilings))
             if opts.qc and not already_tiled:
                 qc_dir = store.root / "qc"
                 qc_dir.mkdir(exist_ok=True)
                 qc_overlay(reader, mask, grid, qc_dir / f"{slide_id}.png")
-        new_tiles = None if already_tiled else tiles_table(
-            slide_id, opts.tiling.id, grid.x, grid.y, grid.level, grid.read_size, grid.tissue_fraction)
+        if already_tiled:
+            # Pixels for a tiling are committed with its tiles, so the same rows are written again.
+            new_tiles = tiles.drop_columns(["commit_id"]) if cache_base else None
+        else:
+            new_tiles = tiles_table(slide_id, opts.tiling.id, grid.x, grid.y, grid.level, grid.read_size,
+                                    grid.tissue_fraction)
         stage = "commit"
         store.commit_slide(SlideCommit(slide, opts.tiling, new_tiles, embeddings,
                                        np.concatenate(seen) if cache_base else None, opts.dtype, extra))
@@ -292,12 +300,21 @@ def _set_id(spec: EncoderSpec, opts: ExtractOptions) -> str:
     return EmbeddingSet(opts.tiling.id, spec.id, spec.name, spec.embed_dim, opts.dtype, opts.teacher_views).id
 
 
-def _extra_layers(reader, slide_id: str, grid, opts: ExtractOptions) -> Iterator[TiledPixels]:
+def wanted_pixels(opts: ExtractOptions) -> frozenset[str]:
+    """Ids of the tilings whose pixels ``--cache-pixels`` asks for."""
+    return frozenset(opts.tiling.id if spec.size == opts.tiling.tile_size and spec.mpp == opts.tiling.target_mpp
+                     else _derived_tiling(opts.tiling, spec)[0].id for spec in opts.cache_pixels)
+
+
+def _extra_layers(reader, slide_id: str, grid, opts: ExtractOptions, wanted: frozenset[str]
+                  ) -> Iterator[TiledPixels]:
     """Pixels at further magnifications, on tilings aligned so each tile covers k×k teacher tiles."""
     for spec in opts.cache_pixels:
         if spec.size == opts.tiling.tile_size and spec.mpp == opts.tiling.target_mpp:
             continue
         derived, k = _derived_tiling(opts.tiling, spec)
+        if derived.id not in wanted:
+            continue
         coarse = grid.coarsen(k)
         pixels = read_tiles(reader, coarse, np.arange(len(coarse)), spec.size, num_workers=opts.read_workers)
         yield TiledPixels(derived, tiles_table(slide_id, derived.id, coarse.x, coarse.y, coarse.level,
@@ -367,10 +384,11 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
         teacher_specs(opts, device)
     store = Store.open_or_create(store_path)
     report = ExtractReport(duplicates=found.duplicates, missing=found.missing)
-    progress = store.progress(opts.tiling.id)
-    jobs = [(sid, path, progress.get(sid)) for sid, path in found.slides.items()]
+    snapshot = store.snapshot()
+    progress, cached = snapshot.progress(opts.tiling.id), snapshot.cached_pixels()
+    jobs = [(sid, path, progress.get(sid), cached.get(sid, frozenset())) for sid, path in found.slides.items()]
     if in_process:
-        needed = {m for _, _, done in jobs for m in missing_models(opts, device, done)}
+        needed = {m for _, _, done, _ in jobs for m in missing_models(opts, device, done)}
         # Built before the run is recorded, so a checkpoint that does not fit fails the command, not each slide.
         for name in opts.models:
             if name in needed:
@@ -381,7 +399,7 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
     if on_start:
         on_start(len(jobs))
     if in_process:
-        outcomes = (extract_slide(store, path, sid, opts, done) for sid, path, done in jobs)
+        outcomes = (extract_slide(store, path, sid, opts, done, pixels) for sid, path, done, pixels in jobs)
     else:
         outcomes = _run_dask(jobs, store_path, opts, workers, scheduler)
     for outcome in outcomes:
@@ -420,7 +438,7 @@ def dry_run_counts(paths: list[str | Path], opts: ExtractOptions) -> list[Planne
 
 
 def _dask_task(path: str, slide_id: str, store_path: str, opts: ExtractOptions,
-               done: frozenset[str] | None) -> SlideOutcome:
+               done: frozenset[str] | None, pixels: frozenset[str]) -> SlideOutcome:
     """Run one slide on a Dask worker; with ``--device auto`` local worker ``i`` takes GPU ``i mod n``."""
     import dataclasses
 
@@ -430,10 +448,11 @@ def _dask_task(path: str, slide_id: str, store_path: str, opts: ExtractOptions,
     name = get_worker().name
     if opts.device == "auto" and torch.cuda.is_available() and isinstance(name, int):
         opts = dataclasses.replace(opts, device=f"cuda:{name % torch.cuda.device_count()}")
-    return extract_slide(Store.open(store_path), Path(path), slide_id, opts, done)
+    return extract_slide(Store.open(store_path), Path(path), slide_id, opts, done, pixels)
 
 
-def _run_dask(jobs: list[tuple[str, Path, frozenset[str] | None]], store_path: Path, opts: ExtractOptions, workers: int,
+def _run_dask(jobs: list[tuple[str, Path, frozenset[str] | None, frozenset[str]]], store_path: Path,
+              opts: ExtractOptions, workers: int,
               scheduler: str | None) -> Iterator[SlideOutcome]:
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -441,8 +460,8 @@ def _run_dask(jobs: list[tuple[str, Path, frozenset[str] | None]], store_path: P
                                                   dashboard_address=None)
     client = Client(scheduler or cluster)
     try:
-        futures = [client.submit(_dask_task, str(path), sid, str(Path(store_path).resolve()), opts, done,
-                                 key=f"extract-{sid}", pure=False) for sid, path, done in jobs]
+        futures = [client.submit(_dask_task, str(path), sid, str(Path(store_path).resolve()), opts, done, pixels,
+                                 key=f"extract-{sid}", pure=False) for sid, path, done, pixels in jobs]
         for fut in as_completed(futures):
             yield fut.result()
     finally:

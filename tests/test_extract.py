@@ -180,6 +180,24 @@ def test_a_model_added_to_a_finished_store_is_the_only_one_built(cohort, file_st
     assert builds == ["test/tiny-vit"]
 
 
+def test_cache_pixels_on_a_finished_store_adds_only_the_pixels(cohort, file_store, weights_file, tmp_path, builds):
+    path = tmp_path / "store"
+    shutil.copytree(file_store, path)
+    before = Store.open(path)
+    es = before.embedding_set(TEACHER)
+    bags = {s: before.read_bag(es, s) for s in before.snapshot().bag_commits(es)}
+    o = opts(weights={TEACHER: str(weights_file)}, cache_pixels=(PixelSpec(224, 0.5), PixelSpec(224, 1.0)))
+    report = run_extract([cohort.root / "slides"], path, o)
+    assert [x.status for x in report.outcomes] == ["done"] * 3 and builds == [], "pixels only, no teacher"
+    store = Store.open(path)
+    for slide_id, bag in bags.items():
+        tiles = store.read_tiles(slide_id, TILING.id)
+        assert store.read_pixels(TILING.id, slide_id).shape == (tiles.num_rows, 224, 224, 3)
+        assert np.array_equal(store.read_bag(es, slide_id), bag), "embeddings untouched"
+    assert len(store.tilings()) == 2 and store.info().tilings[1][4] == 3, "the coarser tiling has pixels too"
+    assert [x.status for x in run_extract([cohort.root / "slides"], path, o).outcomes] == ["skipped"] * 3
+
+
 def test_teacher_views_cache_dihedral_embeddings(cohort, clean_store, tmp_path):
     from featurestore.encoders.views import dihedral
 

@@ -181,6 +181,14 @@ class Snapshot:
             "WHERE st.tiling_id = ? GROUP BY st.slide_id", [tiling_id]).to_pylist()
         return {r["slide_id"]: frozenset(r["sets"] or ()) for r in rows}
 
+    def cached_pixels(self) -> dict[str, frozenset[str]]:
+        """slide_id → the tilings whose tile pixels this snapshot caches for it."""
+        out: dict[str, set[str]] = {}
+        for (slide_id, tiling_id), (_, pixels, _) in self._locations[1].items():
+            if pixels:
+                out.setdefault(slide_id, set()).add(tiling_id)
+        return {sid: frozenset(t) for sid, t in out.items()}
+
     def n_tiles(self, slide_id: str, tiling_id: str) -> int | None:
         found = self._locations[1].get((slide_id, tiling_id))
         return None if found is None else found[2]
