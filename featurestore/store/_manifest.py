@@ -60,20 +60,24 @@ class Damage:
     problem: str
 
 
+def size_damage(path: Path, size: int) -> Damage | None:
+    """A missing file or one of another size than recorded (one ``stat``), else None."""
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return Damage(path, "missing")
+    return None if actual == size else Damage(path, f"{actual} bytes, the commit wrote {size}")
+
+
 def check(directory: Path, files: dict[str, tuple[int, str]], prefix: str = "", *, deep: bool = False) -> list[Damage]:
     """Files under ``prefix`` that are missing, of the wrong size or (``deep``) of the wrong content."""
     damage = []
     for rel, (size, digest) in files.items():
         if not rel.startswith(prefix):
             continue
-        path = directory / rel
-        try:
-            actual = path.stat().st_size
-        except FileNotFoundError:
-            damage.append(Damage(path, "missing"))
-            continue
-        if actual != size:
-            damage.append(Damage(path, f"{actual} bytes, the commit wrote {size}"))
-        elif deep and sha256(path) != digest:
-            damage.append(Damage(path, "checksum differs from the one recorded at commit"))
+        found = size_damage(directory / rel, size)
+        if found is None and deep and sha256(directory / rel) != digest:
+            found = Damage(directory / rel, "checksum differs from the one recorded at commit")
+        if found is not None:
+            damage.append(found)
     return damage

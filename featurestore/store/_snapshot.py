@@ -14,7 +14,7 @@ from pathlib import Path
 
 from featurestore.store import _log
 from featurestore.store._layout import CHECKPOINTS, COMMITS, LAST_CHECKPOINT, version_name
-from featurestore.store._manifest import Damage
+from featurestore.store._manifest import Damage, size_damage
 
 CHECKPOINT_FILE = "_checkpoint.json"
 
@@ -98,11 +98,7 @@ def _checked_checkpoint(root: Path, version: int) -> Checkpoint | None:
                       stacklevel=2)
         return None
     for rel, size in ckpt.files():
-        try:
-            ok = (root / rel).stat().st_size == size
-        except FileNotFoundError:
-            ok = False
-        if not ok:
+        if size_damage(root / rel, size) is not None:
             warnings.warn(f"{root / rel}: missing or short, so checkpoint {version} is ignored "
                           "(derived data; `fs compact` writes a new one)", stacklevel=2)
             return None
@@ -174,14 +170,6 @@ class Resolver:
 
 def _table_damage(root: Path, entry: _log.LogEntry) -> list[Damage]:
     """Missing or short table files of a commit: a ``stat`` each, so every resolve can afford it."""
-    out = []
-    for name, size in entry.tables.items():
-        path = root / COMMITS / entry.commit_id / f"{name}.parquet"
-        try:
-            actual = path.stat().st_size
-        except FileNotFoundError:
-            out.append(Damage(path, "missing"))
-            continue
-        if actual != size:
-            out.append(Damage(path, f"{actual} bytes, the commit wrote {size}"))
-    return out
+    found = (size_damage(root / COMMITS / entry.commit_id / f"{name}.parquet", size)
+             for name, size in entry.tables.items())
+    return [d for d in found if d is not None]
