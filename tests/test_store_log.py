@@ -320,3 +320,20 @@ def test_a_full_disk_leaves_the_store_as_it_was(tmp_path, tiling, limit):
     assert counts(reopened) == before and not any((tmp_path / "s" / "staging").iterdir())
     commit_random_slide(reopened, 5, tiling, [make_encoder()], 40, pixels=True)
     assert counts(reopened)[3] == 2, "the next run finishes the work"
+
+
+def test_vacuum_keeps_every_file_a_retained_checkpoint_names(tmp_path, tiling, monkeypatch):
+    from featurestore.store._snapshot import _checked_checkpoint
+
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 2)
+    store = Store.create(tmp_path / "s")
+    for i in range(9):
+        commit_random_slide(store, i, tiling, [make_encoder(dim=4)], 3)
+    expected = counts(store)
+    versions = [int(p.name) for p in (tmp_path / "s" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(versions) >= 4
+    store.vacuum(older_than_s=3600)
+    assert all(_checked_checkpoint(tmp_path / "s", v) is not None for v in versions), "young checkpoints intact"
+    report = store.vacuum(older_than_s=0)
+    assert report.checkpoints == len(versions) - 1 and report.tile_parts >= 1
+    assert counts(Store.open(tmp_path / "s")) == expected

@@ -29,7 +29,7 @@ from featurestore.store._layout import (
     version_name,
     write_marker,
 )
-from featurestore.store._snapshot import Resolver, latest_checkpoint
+from featurestore.store._snapshot import CHECKPOINT_FILE, Resolver, latest_checkpoint
 from schemas import FORMAT_VERSION, InvalidRecordError, StoreVersionError
 
 SUPERSEDED = "_superseded.json"
@@ -196,11 +196,15 @@ def vacuum(root: Path, resolver: Resolver, older_than_s: float) -> VacuumReport:
     checkpoints = parts = 0
     newest = latest_checkpoint(root)
     if newest is not None:
-        keep = {p.path for p in newest.tile_parts}
-        for p in (root / CHECKPOINTS).iterdir():
-            if p.name.isdigit() and int(p.name) < newest.version and _old(p, cutoff):
+        keep = set()
+        for p in sorted((root / CHECKPOINTS).iterdir()):
+            if not p.name.isdigit():
+                continue
+            if int(p.name) < newest.version and _old(p, cutoff):
                 freed += _remove(p)
                 checkpoints += 1
+            else:
+                keep |= _checkpoint_parts(p)
         for p in (root / PARTS).iterdir() if (root / PARTS).is_dir() else ():
             if f"{PARTS}/{p.name}" not in keep and _old(p, cutoff):
                 freed += _remove(p)
@@ -216,6 +220,14 @@ def vacuum(root: Path, resolver: Resolver, older_than_s: float) -> VacuumReport:
                 freed += _remove(f)
                 index_files += 1
     return VacuumReport(len(staging), len(unpublished), arrays, checkpoints, parts, index_files, freed)
+
+
+def _checkpoint_parts(directory: Path) -> set[str]:
+    """Tile parts a checkpoint directory names (none if its record is unreadable)."""
+    try:
+        return {p[0] for p in json.loads((directory / CHECKPOINT_FILE).read_bytes())["tile_parts"]}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return set()
 
 
 def _mark_superseded(directory: Path, prefix: str) -> int:
