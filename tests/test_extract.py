@@ -456,3 +456,19 @@ def test_bad_inputs_fail_before_anything_is_created(cohort, tmp_path, args, mess
     text = result.output.replace("\n", "")
     assert re.search(message, text) and "Traceback" not in text
     assert not store.exists(), "nothing was created"
+
+
+def test_a_plain_extraction_writes_nothing_to_home_and_prints_no_gpu_noise(cohort, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CUPY_CACHE_DIR"} | {"HOME": str(home),
+                                                                              "PYTHONPATH": str(REPO)}
+    child = subprocess.run([sys.executable, "-c", "from cli.main import app; app()", "extract",
+                            str(cohort.root / "slides"), "-s", str(tmp_path / "store"), "-m", TEACHER, "--device",
+                            "cpu"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout + child.stderr
+    assert Store.open(tmp_path / "store").info().slides == 3
+    assert list(home.iterdir()) == [], "nothing written to $HOME"
+    said = (child.stdout + child.stderr).lower()
+    assert [w for w in ("cufile", "libcuda", "cuda driver", "traceback") if w in said] == [], said
+    assert not (tmp_path / "cufile.log").exists()

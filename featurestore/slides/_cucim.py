@@ -23,8 +23,10 @@ unspecified bytes in batched reads).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,34 @@ _BATCH = 32
 """Regions per batch in cuCIM's multi-location reads: big enough to keep its workers busy."""
 
 
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Send what native code prints to /dev/null for a moment.
+
+    Even in compat mode, libcufile prints "dlopen error libcuda.so.1 … cuFile initialization failed"
+    straight to the process's stdout/stderr on a machine without a CUDA driver (once torch is loaded),
+    when cuCIM is imported and when it opens a file. Python-level errors still propagate.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def import_cuimage() -> Any:
     """``cucim.clara.CuImage``, imported only after cuFile has been told not to probe for GDS."""
     os.environ.setdefault("CUFILE_ENV_PATH_JSON", str(CUFILE_CONFIG))
-    from cucim.clara import CuImage
+    with _quiet_native_output():
+        from cucim.clara import CuImage
 
     return CuImage
 
@@ -69,7 +95,8 @@ class CuCIMReader(SlideReader):
             raise SlideError(f"{self.path}: cuCIM is not usable here ({err}); "
                              f"install cucim-cu13 or pass reader='openslide'") from err
         try:
-            self._img: Any = cuimage(str(self.path))
+            with _quiet_native_output():
+                self._img: Any = cuimage(str(self.path))
         except (ValueError, RuntimeError) as err:
             raise SlideError(f"{self.path}: cuCIM cannot open it ({err}); pass reader='openslide'") from err
         if self._img.dims != "YXC" or self._img.shape[-1] != 3:
