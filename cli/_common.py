@@ -32,6 +32,17 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 warnings.showwarning = _one_line_warning
 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar="FS_STORE", help="Store directory (or $FS_STORE).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist.")]
+
+
+def new_output(path: Path | None, overwrite: bool) -> None:
+    """Refuse to replace a user's file unless asked; checked before any work."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise FsError(f"{path}: is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise FsError(f"{path}: exists; choose another name or pass --overwrite")
 
 
 class OutputFormat(StrEnum):

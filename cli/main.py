@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli._common import OutputFormat, StoreOpt, console, friendly, print_table
+from cli._common import OutputFormat, OverwriteOpt, StoreOpt, console, friendly, new_output, print_table
 from featurestore.store import Store
 
 app = typer.Typer(help="Cached-feature store for computational pathology: extract once, distil many times.",
@@ -56,13 +56,15 @@ def info(store: StoreOpt) -> None:
 def sql(query: Annotated[str, typer.Argument(help="One read-only SELECT over the store's views.")],
         store: StoreOpt,
         fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
-        output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None) -> None:
+        output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None,
+        overwrite: OverwriteOpt = False) -> None:
     """Query the store with DuckDB (read-only).
 
     Views: slides, tiles, labels, encoders, embedding_sets, tilings, slide_tilings, bags, runs, failures,
     emb_<model> per embedding set with the tile vector as FLOAT[dim] in column `embedding`, and
     slide_emb_<model> with each slide's mean embedding.
     """
+    new_output(output, overwrite)
     print_table(Store.open(store, read_only=True).sql(query), fmt, output)
 
 

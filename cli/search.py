@@ -14,7 +14,16 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli._common import OutputFormat, StoreOpt, console, err_console, friendly, print_table
+from cli._common import (
+    OutputFormat,
+    OverwriteOpt,
+    StoreOpt,
+    console,
+    err_console,
+    friendly,
+    new_output,
+    print_table,
+)
 from featurestore.store import Store
 
 index_app = typer.Typer(help="FAISS indexes of embedding sets, searched by fs search.", no_args_is_help=True)
@@ -143,6 +152,7 @@ def search_cmd(
     device: Annotated[str, typer.Option(help="--image: auto, cpu or cuda[:N].")] = "auto",
     fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results to a file.")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Nearest tiles (or slides) by cosine similarity, with label columns; filter with --where."""
     queries = (("--tile", tile), ("--slide", slide), ("--image", image), ("--query", query))
@@ -152,6 +162,8 @@ def search_cmd(
                                  f"{', '.join(given) or 'none'})")
     from featurestore.index import contact_sheet, embed_image, search
 
+    new_output(output, overwrite)
+    new_output(save, overwrite)
     s = Store.open(store, read_only=True)
     vector = None if image is None else embed_image(s, model, image, weights=weights, device=device)
     results = search(s, model, tile_id=tile, slide_id=slide, vector=vector, query_sql=query, k=k, where=where,

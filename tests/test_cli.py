@@ -99,3 +99,12 @@ def test_verify_vacuum_compact_and_migrate_from_the_command_line(store_path):
     vacuum = run("vacuum", "-s", str(store_path), "--retention-hours", "0")
     assert vacuum.exit_code == 0 and "removed" in vacuum.output
     assert "already current" in run("migrate", str(store_path)).output.replace("\n", "")
+
+
+def test_sql_output_never_replaces_a_file_unless_asked(store_path, tmp_path):
+    out = tmp_path / "mine.csv"
+    out.write_text("precious")
+    refused = run("sql", "SELECT 1 AS x", "-s", str(store_path), "-f", "csv", "-o", str(out))
+    assert refused.exit_code == 2 and "--overwrite" in refused.output and out.read_text() == "precious"
+    assert run("sql", "SELECT 1 AS x", "-s", str(store_path), "-f", "csv", "-o", str(out), "--overwrite").exit_code == 0
+    assert out.read_text().splitlines() == ['"x"', "1"]
