@@ -108,3 +108,30 @@ def test_sql_output_never_replaces_a_file_unless_asked(store_path, tmp_path):
     assert refused.exit_code == 2 and "--overwrite" in refused.output and out.read_text() == "precious"
     assert run("sql", "SELECT 1 AS x", "-s", str(store_path), "-f", "csv", "-o", str(out), "--overwrite").exit_code == 0
     assert out.read_text().splitlines() == ['"x"', "1"]
+
+
+@pytest.mark.parametrize("args", [
+    ["info", "-s", "{missing}"],
+    ["info", "-s", "{file}"],
+    ["sql", "SELEC 1", "-s", "{store}"],
+    ["sql", "SELECT * FROM nope", "-s", "{store}"],
+    ["sql", "EXPLAIN ANALYZE COPY (SELECT 1) TO '{file}'", "-s", "{store}"],
+    ["labels", "import", "{missing}", "-s", "{store}"],
+    ["labels", "import", "{file}", "-s", "{store}"],
+    ["export", "{file}", "-s", "{store}", "-m", "uni", "--layout", "trident"],
+    ["train", "-s", "{store}", "-m", "uni", "--label", "label", "--out", "{file}"],
+    ["index", "build", "-s", "{store}", "-m", "virchow2"],
+    ["search", "-s", "{store}", "-m", "uni", "--tile", "1"],
+    ["verify", "-s", "{missing}"],
+    ["migrate", "{file}"],
+    ["extract", "{missing}", "-s", "{store}", "-m", "test/tiny-cnn"],
+    ["init", "{file}"],
+])
+def test_bad_invocations_are_one_line_errors_never_tracebacks(store_path, tmp_path, args):
+    afile = tmp_path / "a-file.txt"
+    afile.write_text("slide_id,label\n")
+    filled = [a.format(missing=tmp_path / "missing", file=afile, store=store_path) for a in args]
+    result = run(*filled)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert "error:" in result.output

@@ -147,6 +147,8 @@ def read_labels(csv_path: Path, key_column: str | None, slides: pa.Table, curren
             unknown.append((line, value))
         else:
             matched.append((line, ids[0], row))
+    if not matched and not unknown:
+        raise LabelsError(f"{csv_path}: no rows under the header; nothing to import")
     if unknown and not skip_unknown:
         line, value = unknown[0]
         raise LabelsError(f"{csv_path} line {line}: no slide with {key} {value!r} in the store "
