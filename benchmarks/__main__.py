@@ -1,6 +1,7 @@
 """Run every benchmark and print one table of ratios; write JSON with the machine description.
 
-    python -m benchmarks [--quick] [--only reading,extract,distill,store,retrieval] [--out bench-results/latest.json]
+    python -m benchmarks [--quick] [--only reading,extract,distill,store,retrieval,scale]
+                         [--out bench-results/latest.json]
 
 Absolute times on a shared machine are noise; each ratio compares two variants measured in the
 same run, which is what the targets in benchmarks/README.md are stated against.
@@ -21,7 +22,7 @@ from benchmarks._common import machine
 
 MODULES = {"reading": "benchmarks.bench_reading", "extract": "benchmarks.bench_extract",
            "distill": "benchmarks.bench_distill", "store": "benchmarks.bench_store",
-           "retrieval": "benchmarks.bench_retrieval"}
+           "retrieval": "benchmarks.bench_retrieval", "scale": "benchmarks.bench_scale"}
 
 
 def print_rows(rows: list[dict], console: Console | None = None) -> None:

@@ -1,10 +1,15 @@
-"""The benchmark helpers whose mistakes would silently skew a reported ratio (nothing here is timed)."""
+"""The benchmark helpers whose mistakes would silently skew a reported ratio, and a tiny run of the scale
+benchmark (it times things, but no timing is checked)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import bench_scale
+from benchmarks.__main__ import print_rows
 from benchmarks._common import best_of_interleaved
 from benchmarks.bench_distill import _conv_backward_flops
 
@@ -36,3 +41,17 @@ def test_best_of_interleaved_runs_every_variant_each_round_alternating() -> None
     best = best_of_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert set(best) == {"a", "b"} and all(t >= 0 for t in best.values())
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_at_tiny_sizes() -> None:
+    plan = bench_scale.Plan((20, 40), timed_commits=5, repeats=1, cli_repeats=1, bag_sample=10, writers=2)
+    rows = bench_scale.run(True, plan)
+    console = Console(record=True, width=250)
+    print_rows(rows, console)
+    text = console.export_text()
+    for case in ("40 slides: open", "fs info in process", "SELECT count(*) FROM tiles", "labels join",
+                 "one slide's vectors", "resume decision", "index read phase", "one more commit, median",
+                 "one more commit, mean", "fs sql count(*) from tiles, fresh process", "open CPU vs the smallest"):
+        assert case in text
+    assert sum("PASS" in r["target"] or "FAIL" in r["target"] for r in rows) >= 7
