@@ -13,13 +13,13 @@ from featurestore.store import Store, migrate
 
 @friendly
 def compact(store: StoreOpt) -> None:
-    """Fold every table into a checkpoint now and merge the tile table into one part.
+    """Fold the store into a checkpoint now, with every table merged into one part.
 
     Writers also checkpoint automatically every 100 commits; compact is safe while they run.
     """
     r = Store.open(store).compact()
     console.print(f"checkpoint at version {r.version}: folded {r.commits_folded} commits; "
-                  f"tile parts {r.tile_parts_before} → {r.tile_parts_after}")
+                  f"table parts {r.parts_before} → {r.parts_after}")
 
 
 @friendly
@@ -58,7 +58,7 @@ def vacuum(store: StoreOpt,
         raise typer.BadParameter("--retention-hours must be ≥ 0")
     r = Store.open(store).vacuum(retention_hours * 3600)
     console.print(f"removed {r.staging} staging dirs, {r.unpublished_commits} unpublished commits, "
-                  f"{r.superseded_arrays} replaced arrays, {r.checkpoints} old checkpoints, {r.tile_parts} tile "
+                  f"{r.superseded_arrays} replaced arrays, {r.checkpoints} old checkpoints, {r.parts} table "
                   f"parts, {r.index_files} index files: {r.bytes_freed / 2**20:.1f} MiB freed")
 
 

@@ -61,9 +61,10 @@ def test_checkpoint_folds_history_without_changing_any_answer(tmp_path, tiling, 
              "LEFT JOIN labels l USING (slide_id) GROUP BY 1 ORDER BY 1")
     assert snap.sql(query) == full.sql(query)
     assert counts(snap) == counts(full) == (sum(5 + i for i in range(9)) - 8 + 7,) * 3 + (9,)
-    parts = len(snap.state.checkpoint.tile_parts)
+    parts = len(snap.state.checkpoint.parts["tiles"])
     report = store.compact()
-    assert report.tile_parts_after == 1 and parts >= 1
+    after = Store.open(tmp_path / "s").snapshot().state.checkpoint.parts
+    assert parts >= 1 and all(len(p) == 1 for p in after.values()) and report.parts_after == len(after)
     assert store.sql(query) == full.sql(query)
 
 
@@ -74,14 +75,14 @@ def _labels(tmp_path: Path, store: Store) -> Path:
     return path
 
 
-def test_tile_parts_stay_logarithmic(tmp_path, tiling, monkeypatch):
+def test_table_parts_stay_logarithmic(tmp_path, tiling, monkeypatch):
     monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 2)
     store = Store.create(tmp_path / "s")
     enc = make_encoder(dim=4)
     for i in range(32):
         commit_random_slide(store, i, tiling, [enc], 3)
-    parts = store.snapshot().state.checkpoint.tile_parts
-    assert len(parts) <= 5, f"{len(parts)} parts after 16 checkpoints: the binary counter did not merge"
+    for name, parts in store.snapshot().state.checkpoint.parts.items():
+        assert len(parts) <= 5, f"{name}: {len(parts)} parts after 16 checkpoints: the binary counter did not merge"
     assert store.sql("SELECT count(*) AS n FROM tiles").column("n")[0].as_py() == 96
 
 
@@ -335,5 +336,5 @@ def test_vacuum_keeps_every_file_a_retained_checkpoint_names(tmp_path, tiling, m
     store.vacuum(older_than_s=3600)
     assert all(_checked_checkpoint(tmp_path / "s", v) is not None for v in versions), "young checkpoints intact"
     report = store.vacuum(older_than_s=0)
-    assert report.checkpoints == len(versions) - 1 and report.tile_parts >= 1
+    assert report.checkpoints == len(versions) - 1 and report.parts >= 1
     assert counts(Store.open(tmp_path / "s")) == expected

@@ -1,11 +1,12 @@
-"""Checkpoints: fold the table state at one version into a few Parquet files.
+"""Checkpoints: fold the table state at one version into a few Parquet files per table.
 
-Small tables (one row per slide, set, run...) are rewritten whole at every checkpoint. The tile
-table is too big for that, so it lives in *parts* shared between checkpoints: each checkpoint
-adds one part with the tiles committed since the previous one, and two parts of the same level
-merge into one of the next level (a binary counter), keeping O(log n) parts while every tile is
-rewritten O(log n) times in all. ``compact`` merges every part into one. Parts are sorted by
-slide, so a query for a few slides skips most row groups by their statistics.
+No checkpoint rewrites a whole table: each table lives in *parts* shared between checkpoints.
+A checkpoint adds one part per table with the rows committed since the previous one, and two
+parts of the same level merge into one of the next level (a binary counter), keeping O(log n)
+parts per table while every row is rewritten O(log n) times in all, so a checkpoint costs the
+same at 1,000 slides as at 30,000. Merging keeps only each key's latest row (and only the tiles
+``slide_tilings`` points at). ``compact`` merges every table into one part. Parts are sorted by
+their keys, so a query for a few slides skips most row groups by their statistics.
 
 A checkpoint only reads versions that are already immutable, so it runs while writers commit; two
 processes writing the same checkpoint race on one directory rename and the loser discards its copy.
@@ -24,6 +25,7 @@ from featurestore.store import _sql
 from featurestore.store._commit import fsync_tree
 from featurestore.store._layout import (
     CHECKPOINTS,
+    COMMITS,
     LAST_CHECKPOINT,
     PARTS,
     STAGING,
@@ -31,11 +33,22 @@ from featurestore.store._layout import (
     version_name,
     write_json_atomic,
 )
-from featurestore.store._snapshot import CHECKPOINT_FILE, Checkpoint, State, TilePart, latest_checkpoint
+from featurestore.store._snapshot import CHECKPOINT_FILE, Checkpoint, Part, State, latest_checkpoint
 
-CURRENT_TILES = ("SELECT t.* FROM read_parquet([{files}], union_by_name=true) t SEMI JOIN slide_tilings st "
-                 "ON t.slide_id = st.slide_id AND t.tiling_id = st.tiling_id AND t.commit_id = st.commit_id "
-                 "ORDER BY t.slide_id, t.tiling_id, t.tile_index")
+
+def _resolved(name: str, files: list[Path]) -> str:
+    """The rows of ``files`` that can still matter: each key's latest row, the current tiles, all failures."""
+    listed = ", ".join(_sql.quote(str(f)) for f in files)
+    source = f"read_parquet([{listed}], union_by_name=true)"
+    if name == "tiles":
+        return (f"SELECT t.* FROM {source} t SEMI JOIN slide_tilings st ON t.slide_id = st.slide_id "
+                "AND t.tiling_id = st.tiling_id AND t.commit_id = st.commit_id "
+                "ORDER BY t.slide_id, t.tiling_id, t.tile_index")
+    if name in _sql.KEYS:
+        keys = ", ".join(_sql.KEYS[name])
+        return (f"SELECT * FROM {source} QUALIFY row_number() OVER (PARTITION BY {keys} "
+                f"ORDER BY commit_id DESC) = 1 ORDER BY {keys}")
+    return f"SELECT * FROM {source} ORDER BY commit_id"
 
 
 def _copy(con: duckdb.DuckDBPyConnection, select: str, path: Path) -> int:
@@ -44,18 +57,16 @@ def _copy(con: duckdb.DuckDBPyConnection, select: str, path: Path) -> int:
     return path.stat().st_size
 
 
-def _write_part(con: duckdb.DuckDBPyConnection, root: Path, files: list[Path], lo: int, hi: int,
-                level: int) -> TilePart:
-    """Current tiles of ``files`` as one new part, written under a temporary name then renamed."""
-    (root / PARTS).mkdir(exist_ok=True)
-    name = f"tiles-{version_name(lo)}-{version_name(hi)}-{uuid.uuid4().hex[:8]}.parquet"
+def _write_part(con: duckdb.DuckDBPyConnection, root: Path, table: str, files: list[Path], lo: int, hi: int,
+                level: int) -> Part:
+    """The rows of ``files`` that still matter as one new part, written under a temporary name then renamed."""
+    name = f"{table}-{version_name(lo)}-{version_name(hi)}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = root / PARTS / f".{name}.tmp"
-    listed = ", ".join(_sql.quote(str(f)) for f in files)
-    size = _copy(con, CURRENT_TILES.format(files=listed), tmp)
+    size = _copy(con, _resolved(table, files), tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.rename(tmp, root / PARTS / name)
-    return TilePart(f"{PARTS}/{name}", size, lo, hi, level)
+    return Part(f"{PARTS}/{name}", size, lo, hi, level)
 
 
 def write(state: State, *, compact: bool = False) -> Checkpoint | None:
@@ -68,25 +79,20 @@ def write(state: State, *, compact: bool = False) -> Checkpoint | None:
     staging.mkdir(parents=True)
     target = root / CHECKPOINTS / version_name(state.version)
     try:
-        tables = {}
+        (root / PARTS).mkdir(exist_ok=True)
+        parts: dict[str, tuple[Part, ...]] = {}
         for name in _sql.table_names():
-            if name == "tiles":
-                continue
-            source = name if name in _sql.KEYS else f"{_sql.RAW}.{name}"
-            size = _copy(con, f"SELECT * FROM {source}", staging / f"{name}.parquet")
-            tables[name] = (f"{CHECKPOINTS}/{target.name}/{name}.parquet", size)
-        parts = list(state.checkpoint.tile_parts) if state.checkpoint else []
-        tail = [root / "commits" / e.commit_id / "tiles.parquet" for e in state.entries if "tiles" in e.tables]
-        if tail:
-            lo = state.entries[0].version
-            parts.append(_write_part(con, root, tail, lo, state.version, 0))
-        while len(parts) > 1 and (compact or parts[-1].level >= parts[-2].level):
-            a, b = parts[-2], parts[-1]
-            merged = _write_part(con, root, [root / a.path, root / b.path], a.lo, b.hi, max(a.level, b.level) + 1)
-            parts[-2:] = [merged]
-        if parts:
-            fsync_dir(root / PARTS)
-        ckpt = Checkpoint(state.version, tables, tuple(parts), state.bytes())
+            table_parts = list(state.checkpoint.parts.get(name, ())) if state.checkpoint else []
+            tail = [root / COMMITS / e.commit_id / f"{name}.parquet" for e in state.entries if name in e.tables]
+            if tail:
+                table_parts.append(_write_part(con, root, name, tail, state.entries[0].version, state.version, 0))
+            while len(table_parts) > 1 and (compact or table_parts[-1].level >= table_parts[-2].level):
+                a, b = table_parts[-2], table_parts[-1]
+                table_parts[-2:] = [_write_part(con, root, name, [root / a.path, root / b.path], a.lo, b.hi,
+                                                max(a.level, b.level) + 1)]
+            parts[name] = tuple(table_parts)
+        fsync_dir(root / PARTS)
+        ckpt = Checkpoint(state.version, parts, state.bytes())
         write_json_atomic(staging / CHECKPOINT_FILE, ckpt.to_dict())
         fsync_tree(staging)
         (root / CHECKPOINTS).mkdir(exist_ok=True)

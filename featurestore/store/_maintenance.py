@@ -40,14 +40,14 @@ SUPERSEDED = "_superseded.json"
 class CompactReport:
     version: int
     commits_folded: int
-    tile_parts_before: int
-    tile_parts_after: int
+    parts_before: int
+    parts_after: int
 
 
 def compact(root: Path, resolver: Resolver) -> CompactReport:
-    """Checkpoint the newest version with every tile part merged into one."""
+    """Checkpoint the newest version with every table merged into one part."""
     state = resolver.resolve()
-    before = len(state.checkpoint.tile_parts) if state.checkpoint else 0
+    before = len(state.checkpoint.files()) if state.checkpoint else 0
     if state.checkpoint is not None and state.checkpoint.version == state.version:
         # A checkpoint directory is never rewritten; an empty log entry gives compaction its own version.
         _log.append(root, state.version, commit_id=None, tables={})
@@ -55,7 +55,7 @@ def compact(root: Path, resolver: Resolver) -> CompactReport:
     ckpt = _checkpoint.write(state, compact=True)
     if ckpt is None:
         ckpt = latest_checkpoint(root)
-    return CompactReport(state.version, len(state.entries), before, len(ckpt.tile_parts) if ckpt else 0)
+    return CompactReport(state.version, len(state.entries), before, len(ckpt.files()) if ckpt else 0)
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class VacuumReport:
     unpublished_commits: int
     superseded_arrays: int
     checkpoints: int
-    tile_parts: int
+    parts: int
     index_files: int
     bytes_freed: int
 
@@ -162,7 +162,7 @@ def vacuum(root: Path, resolver: Resolver, older_than_s: float) -> VacuumReport:
 
     Removed: staging directories (writers or checkpoints that died), commit directories no log
     entry names (a writer died between rename and log), bag and pixel arrays replaced by a commit
-    published before the cutoff, checkpoints and tile parts older than the newest checkpoint, and
+    published before the cutoff, checkpoints older than the newest one, table parts no kept checkpoint names, and
     FAISS files no index manifest names. A snapshot pinned within the retention period never
     needs any of these.
     """
@@ -225,7 +225,8 @@ def vacuum(root: Path, resolver: Resolver, older_than_s: float) -> VacuumReport:
 def _checkpoint_parts(directory: Path) -> set[str]:
     """Tile parts a checkpoint directory names (none if its record is unreadable)."""
     try:
-        return {p[0] for p in json.loads((directory / CHECKPOINT_FILE).read_bytes())["tile_parts"]}
+        return {p[0] for parts in json.loads((directory / CHECKPOINT_FILE).read_bytes())["parts"].values()
+                for p in parts}
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return set()
 

@@ -1,6 +1,6 @@
 """Resolving a snapshot: the newest checkpoint plus the log entries published after it.
 
-A snapshot is fixed by one version number. Everything a read touches — table files, tile parts,
+A snapshot is fixed by one version number. Everything a read touches — table parts, tail files,
 bag locations — comes from the files that version names, so a reader never mixes two moments,
 and resolving costs O(checkpoint + commits since), whatever the store's history.
 """
@@ -20,8 +20,8 @@ CHECKPOINT_FILE = "_checkpoint.json"
 
 
 @dataclass(frozen=True)
-class TilePart:
-    """A Parquet file of current tile rows for the log versions ``lo..hi``, shared by checkpoints."""
+class Part:
+    """A Parquet file of one table's rows from the log versions ``lo..hi``, shared by checkpoints."""
 
     path: str
     size: int
@@ -32,29 +32,31 @@ class TilePart:
     def to_list(self) -> list:
         return [self.path, self.size, self.lo, self.hi, self.level]
 
+    @classmethod
+    def from_list(cls, p: list) -> Part:
+        return cls(str(p[0]), int(p[1]), int(p[2]), int(p[3]), int(p[4]))
+
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Every table folded at ``version`` (latest row per key), plus the tile parts that cover it."""
+    """Every table at ``version``, as the parts that hold its rows (a few per table, see ``_checkpoint``)."""
 
     version: int
-    tables: dict[str, tuple[str, int]]
-    tile_parts: tuple[TilePart, ...]
+    parts: dict[str, tuple[Part, ...]]
     bytes: int = 0
     """Total size of the commits folded in (as their log entries recorded)."""
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "tables": {k: list(v) for k, v in self.tables.items()},
-                "tile_parts": [p.to_list() for p in self.tile_parts], "bytes": self.bytes}
+        return {"version": self.version, "parts": {k: [p.to_list() for p in v] for k, v in self.parts.items()},
+                "bytes": self.bytes}
 
     @classmethod
     def from_dict(cls, d: dict) -> Checkpoint:
-        return cls(int(d["version"]), {k: (str(v[0]), int(v[1])) for k, v in d["tables"].items()},
-                   tuple(TilePart(str(p[0]), int(p[1]), int(p[2]), int(p[3]), int(p[4])) for p in d["tile_parts"]),
+        return cls(int(d["version"]), {k: tuple(Part.from_list(p) for p in v) for k, v in d["parts"].items()},
                    int(d.get("bytes", 0)))
 
     def files(self) -> list[tuple[str, int]]:
-        return [*self.tables.values(), *((p.path, p.size) for p in self.tile_parts)]
+        return [(p.path, p.size) for parts in self.parts.values() for p in parts]
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,7 @@ class State:
 
     def table_files(self, name: str) -> list[Path]:
         """Parquet files whose rows make up table ``name`` at this version (before key resolution)."""
-        files = []
-        if self.checkpoint is not None:
-            if name == "tiles":
-                files += [self.root / p.path for p in self.checkpoint.tile_parts]
-            elif name in self.checkpoint.tables:
-                files.append(self.root / self.checkpoint.tables[name][0])
+        files = [self.root / p.path for p in self.checkpoint.parts.get(name, ())] if self.checkpoint else []
         files += [self.root / COMMITS / e.commit_id / f"{name}.parquet" for e in self.entries if name in e.tables]
         return files
 
