@@ -338,3 +338,16 @@ def test_vacuum_keeps_every_file_a_retained_checkpoint_names(tmp_path, tiling, m
     report = store.vacuum(older_than_s=0)
     assert report.checkpoints == len(versions) - 1 and report.parts >= 1
     assert counts(Store.open(tmp_path / "s")) == expected
+
+
+def test_the_newest_version_is_found_without_walking_the_log(tmp_path, tiling, monkeypatch):
+    from featurestore.store import _log
+
+    store = Store.create(tmp_path / "s")
+    for i in range(40):
+        commit_random_slide(store, i, tiling, [make_encoder(dim=4)], 2)
+    probes: list[int] = []
+    real = _log.exists
+    monkeypatch.setattr(_log, "exists", lambda root, v: probes.append(v) or real(root, v))
+    assert Store.open(tmp_path / "s").snapshot().version == 40
+    assert len(probes) <= 2 * 6 + 2, f"{len(probes)} stats to find version 40 from scratch"

@@ -65,11 +65,26 @@ def read_entry(root: Path, version: int) -> LogEntry:
 
 
 def latest(root: Path, known: int) -> int:
-    """The newest published version, probing forward from ``known`` (a version that exists)."""
-    v = known
-    while exists(root, v + 1):
-        v += 1
-    return v
+    """The newest published version, from ``known`` (a version that exists, or -1).
+
+    The log has no gaps, so doubling steps then a bisection find the end in O(log(new entries))
+    ``stat`` calls: a reader far behind (a fresh process, a stale checkpoint hint) stays cheap,
+    which matters on NFS or Lustre where every ``stat`` is a round trip.
+    """
+    if not exists(root, known + 1):
+        return known
+    found, step = known + 1, 1
+    while exists(root, found + step):
+        found += step
+        step *= 2
+    missing = found + step
+    while missing - found > 1:
+        mid = (found + missing) // 2
+        if exists(root, mid):
+            found = mid
+        else:
+            missing = mid
+    return found
 
 
 def append(root: Path, known: int, *, commit_id: str | None, tables: dict[str, int],

@@ -102,12 +102,17 @@ def _checked_checkpoint(root: Path, version: int) -> Checkpoint | None:
     return ckpt
 
 
+def hinted_checkpoint(root: Path) -> int | None:
+    """The version ``checkpoints/_last.json`` names (a hint: it may lag, never lead), or None."""
+    try:
+        return int(json.loads((root / CHECKPOINTS / LAST_CHECKPOINT).read_bytes())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def latest_checkpoint(root: Path, upto: int | None = None) -> Checkpoint | None:
     """The newest intact checkpoint at or below ``upto``: the hint first, a directory listing if it fails."""
-    try:
-        hinted = int(json.loads((root / CHECKPOINTS / LAST_CHECKPOINT).read_bytes())["version"])
-    except (OSError, ValueError, KeyError, TypeError):
-        hinted = None
+    hinted = hinted_checkpoint(root)
     if hinted is not None and (upto is None or hinted <= upto):
         ckpt = _checked_checkpoint(root, hinted)
         if ckpt is not None:
@@ -139,9 +144,16 @@ class Resolver:
             found = self._entries[version] = _log.read_entry(self.root, version)
         return found
 
+    def latest(self) -> int:
+        """The newest published version; a fresh resolver starts from the checkpoint hint, not from 0."""
+        if self.known == 0:
+            self.known = max(0, hinted_checkpoint(self.root) or 0)
+        self.known = _log.latest(self.root, self.known)
+        return self.known
+
     def resolve(self, upto: int | None = None, *, use_checkpoint: bool = True) -> State:
         """The snapshot at ``upto`` (default: the newest version)."""
-        version = _log.latest(self.root, self.known) if upto is None else upto
+        version = self.latest() if upto is None else upto
         self.known = max(self.known, version)
         ckpt = latest_checkpoint(self.root, version) if use_checkpoint else None
         start = ckpt.version + 1 if ckpt else 0

@@ -177,7 +177,7 @@ class Store:
 
     def snapshot(self) -> Snapshot:
         """The store as of the newest published version; costs a few ``stat`` calls when nothing changed."""
-        version = _log.latest(self.root, self._resolver.known)
+        version = self._resolver.latest()
         if self._snapshot is None or self._snapshot.version != version:
             self._snapshot = Snapshot(self._resolver.resolve(version))
             for entry, damage in self._snapshot.state.damaged:
@@ -262,7 +262,7 @@ class Store:
 
     def transaction(self) -> Transaction:
         self._writable()
-        return Transaction(self.root, lambda: self._resolver.known, self._after_publish)
+        return Transaction(self.root, self._resolver.latest, self._after_publish)
 
     def _after_publish(self, entry: _log.LogEntry) -> None:
         self._resolver.known = max(self._resolver.known, entry.version)
