@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -146,3 +148,19 @@ def test_train_run_directory(base, tmp_path):
                                                                        ("seed", "ascending")])
 
     assert predictions(tmp_path / "run").equals(predictions(tmp_path / "clean"))
+
+
+def test_export(base, tmp_path):
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    args = ("export", "-s", str(base[0]), "-m", "uni", "--layout", "trident")
+    killed("pipelines.interop.os.replace", 3, *args[:1], str(out), *args[1:])
+    assert len(list(out.glob("*.h5"))) == 2, "two whole files, no partial third"
+    refused = CliRunner().invoke(app, [args[0], str(out), *args[1:]])
+    assert refused.exit_code == 2 and "--overwrite" in refused.output
+    run(args[0], str(out), *args[1:], "--overwrite")
+    run(args[0], str(clean), *args[1:])
+    assert sorted(p.name for p in out.glob("*.h5")) == sorted(p.name for p in clean.glob("*.h5"))
+    for path in clean.glob("*.h5"):
+        with h5py.File(path) as a, h5py.File(out / path.name) as b:
+            assert np.array_equal(a["features"][...], b["features"][...])
+            assert np.array_equal(a["coords"][...], b["coords"][...])

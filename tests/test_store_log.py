@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import pytest
 from featurestore.store import Snapshot, Store, StoreDamageWarning, migrate
 from featurestore.store import _maintenance as maintenance_module
 from featurestore.store import store as store_module
-from schemas import StoreDamageError, StoreVersionError
+from schemas import StoreDamageError, StoreVersionError, StoreWriteError
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,3 +352,27 @@ def test_the_newest_version_is_found_without_walking_the_log(tmp_path, tiling, m
     monkeypatch.setattr(_log, "exists", lambda root, v: probes.append(v) or real(root, v))
     assert Store.open(tmp_path / "s").snapshot().version == 40
     assert len(probes) <= 2 * 6 + 2, f"{len(probes)} stats to find version 40 from scratch"
+
+
+@pytest.mark.parametrize("errno_", [errno.EROFS, errno.EACCES, errno.ENOSPC])
+@pytest.mark.parametrize("step", ["stage", "publish"])
+def test_an_injected_disk_error_aborts_the_commit_with_one_line(tmp_path, tiling, monkeypatch, errno_, step):
+    """Read-only filesystem, permission denied and a full disk, injected where a commit writes."""
+    from featurestore.store import _commit
+
+    store = Store.create(tmp_path / "s")
+    commit_random_slide(store, 1, tiling, [make_encoder()], 10)
+    before = counts(store)
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno_, os.strerror(errno_))
+
+    if step == "stage":
+        monkeypatch.setattr(_commit._arrays, "write_embeddings", refuse)
+    else:
+        monkeypatch.setattr(_commit.os, "rename", refuse)
+    with pytest.raises(StoreWriteError, match=f"{tmp_path / 's'}: cannot write to the store \\({os.strerror(errno_)}"):
+        commit_random_slide(store, 2, tiling, [make_encoder()], 10)
+    monkeypatch.undo()
+    assert counts(Store.open(tmp_path / "s")) == before
+    assert not any((tmp_path / "s" / "staging").iterdir()), "the aborted transaction left nothing behind"
