@@ -51,11 +51,16 @@ def _resolved(name: str, files: list[Path]) -> str:
     return f"SELECT * FROM {source} ORDER BY commit_id"
 
 
-def _copy(con: duckdb.DuckDBPyConnection, select: str, path: Path) -> int:
-    # Small row groups: parts are sorted by key, so a lookup of one slide decodes one group, not the file.
+def _copy(con: duckdb.DuckDBPyConnection, select: str, path: Path, row_group: int) -> int:
     con.execute(f"COPY ({select}) TO {_sql.quote(str(path))} (FORMAT parquet, COMPRESSION zstd, "
-                "ROW_GROUP_SIZE 16384)")
+                f"ROW_GROUP_SIZE {row_group})")
     return path.stat().st_size
+
+
+ROW_GROUP = {"tiles": 16384}
+"""Rows per Parquet row group of a part; parts are sorted by key, so a lookup of a few slides (or a join's
+pushed-down filter) decodes only their groups. Tile groups hold about two slides' tiles; other tables hold
+one row per slide, and small groups keep their lookups cheap."""
 
 
 def _write_part(con: duckdb.DuckDBPyConnection, root: Path, table: str, files: list[Path], lo: int, hi: int,
@@ -63,7 +68,7 @@ def _write_part(con: duckdb.DuckDBPyConnection, root: Path, table: str, files: l
     """The rows of ``files`` that still matter as one new part, written under a temporary name then renamed."""
     name = f"{table}-{version_name(lo)}-{version_name(hi)}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = root / PARTS / f".{name}.tmp"
-    size = _copy(con, _resolved(table, files), tmp)
+    size = _copy(con, _resolved(table, files), tmp, ROW_GROUP.get(table, 2048))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.rename(tmp, root / PARTS / name)
