@@ -34,7 +34,8 @@ Mapping into the store (assumptions, since the files do not say everything):
 - **Features** are stored in their own dtype (float16 for STAMP, float32 otherwise; float64 becomes
   float32), so exporting them again is bit-exact.
 - **Provenance**: one ``imports`` row per file (source path, sha256, layout, every attribute with its
-  dtype, coordinates verbatim when they are not level-0 pixels, the bag commit) and a ``runs`` row.
+  dtype, coordinates verbatim when they are not level-0 pixels, the bag commit), written in the bag's own
+  commit, and a ``runs`` row.
   Export writes an imported bag back verbatim (attributes and coordinates) while its bag is unchanged.
 """
 
@@ -464,8 +465,6 @@ def _import(store: Store, plan: _Plan, set_id: str, run_id: str) -> None:
         features = f[FEATURES_DATASET[h.layout]][...]
     tiles = None if plan.reuse_tiles else tiles_table(plan.slide.slide_id, plan.tiling.id, plan.x, plan.y,
                                                       plan.level, plan.read_size, np.ones(h.n))
-    commit_id = store.commit_slide(SlideCommit(plan.slide, plan.tiling, tiles, {plan.encoder: features},
-                                               dtype=plan.dtype))
     pixel_coords = h.layout != "stamp"
     row = {
         "slide_id": plan.slide.slide_id, "set_id": set_id, "encoder_id": plan.encoder.id,
@@ -474,10 +473,15 @@ def _import(store: Store, plan: _Plan, set_id: str, run_id: str) -> None:
         "attrs_json": json.dumps(h.attrs),
         "coords_dtype": h.coords.dtype.str,
         "source_coords": None if pixel_coords else np.asarray(h.coords, np.float64).ravel().tolist(),
-        "slide_from": plan.slide_from, "bag_commit_id": commit_id, "run_id": run_id, "imported_at": utcnow(),
+        "slide_from": plan.slide_from, "run_id": run_id, "imported_at": utcnow(),
     }
-    with store.transaction() as txn:
-        txn.add_table(IMPORTS_TABLE, pa.Table.from_pylist([row], schema=IMPORTS_SCHEMA))
+
+    def provenance(commit_id: str) -> dict[str, pa.Table]:
+        # In the bag's own commit: the import and its provenance appear together or not at all.
+        return {IMPORTS_TABLE: pa.Table.from_pylist([row | {"bag_commit_id": commit_id}], schema=IMPORTS_SCHEMA)}
+
+    store.commit_slide(SlideCommit(plan.slide, plan.tiling, tiles, {plan.encoder: features}, dtype=plan.dtype,
+                                   tables=provenance))
 
 
 # --- export --------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_import_of_feature_files(base, tmp_path):
     run("export", str(exported), "-s", str(base[0]), "-m", "uni", "--layout", "trident")
     path, clean = tmp_path / "imported", tmp_path / "clean"
     args = ("import", str(exported), "--layout", "trident", "--assume-mpp", "0.5", "--model-name", "uni")
-    killed("featurestore.store._log.append", 4, *args, "-s", str(path))
+    killed("featurestore.store._log.append", 3, *args, "-s", str(path))
     run(*args, "-s", str(path))
     run(*args, "-s", str(clean))
     assert snapshot_of(path) == snapshot_of(clean)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -105,6 +105,8 @@ class SlideCommit:
     pixels: np.ndarray | None = None
     dtype: str = "float16"
     extra: tuple[TiledPixels, ...] = ()
+    tables: Callable[[str], dict[str, pa.Table]] | None = None
+    """More rows for the same commit, built from its commit id (e.g. import provenance naming the bag)."""
 
 
 class Store:
@@ -308,6 +310,8 @@ class Store:
             for es, emb in sets:
                 txn.write_embeddings(es.id, emb.astype(es.dtype, copy=False))
                 txn.add(Bag(es.id, item.slide.slide_id, n))
+            for name, table in (item.tables(txn.commit_id) if item.tables else {}).items():
+                txn.add_table(name, table)
             return txn.commit_id
 
     def _unknown(self, records: list[TilingSpec | EncoderSpec | EmbeddingSet]) -> list:
