@@ -52,16 +52,15 @@ class Transaction:
     """
 
     def __init__(self, root: Path, known_version: Callable[[], int],
-                 on_publish: Callable[[_log.LogEntry], None] | None = None) -> None:
+                 on_publish: Callable[[_log.LogEntry], None] | None = None, *, commit_id: str | None = None) -> None:
         self.root = root
-        self.commit_id = new_commit_id()
+        self.commit_id = commit_id or new_commit_id()
         self.staging = root / STAGING / self.commit_id
         try:
             self.staging.mkdir(parents=True)
         except OSError as err:
             if err.errno in DISK_ERRORS:
-                raise StoreWriteError(f"{root}: cannot write to the store ({err.strerror}); fix permissions or "
-                                      "free space, then re-run: nothing was committed") from err
+                raise _refused(root, err) from err
             raise
         self._known_version = known_version
         self._on_publish = on_publish
@@ -84,29 +83,28 @@ class Transaction:
     def write_pixels(self, tiling_id: str, data: np.ndarray) -> None:
         _arrays.write_pixels(self.staging / "pix" / tiling_id, data)
 
-    def _write_tables(self) -> tuple[dict[str, int], tuple[str, ...]]:
-        """Write every table; return their sizes and the slides the commit touches."""
+    def _write_tables(self) -> tuple[str, ...]:
+        """Write every table; return the slides the commit touches."""
         tables = {name: to_table(records, TABLES[name], self.commit_id) for name, records in self._records.items()}
         for name, table in self._tables.items():
             tables[name] = table.append_column("commit_id", pa.array([self.commit_id] * table.num_rows, pa.string()))
-        sizes, slides = {}, set()
+        slides = set()
         for name, table in tables.items():
-            path = self.staging / f"{name}.parquet"
-            pq.write_table(table, path)
-            sizes[name] = path.stat().st_size
+            pq.write_table(table, self.staging / f"{name}.parquet")
             if "slide_id" in table.column_names and table.num_rows:
                 slides.update(s for s in pc.unique(table.column("slide_id")).to_pylist() if s)
-        return sizes, tuple(sorted(slides))
+        return tuple(sorted(slides))
 
     def publish(self) -> _log.LogEntry:
-        sizes, slides = self._write_tables()
+        slides = self._write_tables()
         files = _manifest.build(self.staging)
         _manifest.write(self.staging, self.commit_id, files)
         fsync_tree(self.staging)
         os.rename(self.staging, self.root / COMMITS / self.commit_id)
         fsync_dir(self.root / COMMITS)
-        self.entry = _log.append(self.root, self._known_version(), commit_id=self.commit_id, tables=sizes,
-                                 slides=slides, size=sum(size for size, _ in files.values()))
+        self.entry = _log.append(self.root, self._known_version(), commit_id=self.commit_id,
+                                 tables=_manifest.table_sizes(files), slides=slides,
+                                 size=sum(size for size, _ in files.values()))
         if self._on_publish is not None:
             self._on_publish(self.entry)
         return self.entry
@@ -128,7 +126,11 @@ class Transaction:
                 exc = err
         self.abort()
         if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
-            raise StoreWriteError(f"{self.root}: cannot write to the store ({exc.strerror or exc}); free space, "
-                                  "raise the quota or fix permissions, then re-run: nothing was committed") from exc
+            raise _refused(self.root, exc) from exc
         if exc_type is None:
             raise exc
+
+
+def _refused(root: Path, err: OSError) -> StoreWriteError:
+    return StoreWriteError(f"{root}: cannot write to the store ({err.strerror or err}); free space, raise the "
+                           "quota or fix permissions, then re-run: nothing was committed")

@@ -272,9 +272,7 @@ def migrate(root: Path) -> int:
         directory = root / COMMITS / commit_id
         files = _manifest.build(directory)
         _manifest.write(directory, commit_id, files)
-        tables = {rel.removesuffix(".parquet"): size for rel, (size, _) in files.items()
-                  if rel.endswith(".parquet") and "/" not in rel}
-        entry = _log.LogEntry(v, commit_id, time.time(), tables, _slides_of(directory),
+        entry = _log.LogEntry(v, commit_id, time.time(), _manifest.table_sizes(files), _slides_of(directory),
                               bytes=sum(s for s, _ in files.values()))
         (building / f"{version_name(v)}.json").write_text(json.dumps(entry.to_dict()) + "\n")
     fsync_tree(root / COMMITS)

@@ -38,6 +38,12 @@ def build(directory: Path) -> dict[str, tuple[int, str]]:
     return dict(sorted(files.items()))
 
 
+def table_sizes(files: dict[str, tuple[int, str]]) -> dict[str, int]:
+    """``table name -> bytes`` of the commit's Parquet tables (its top-level ``<table>.parquet`` files)."""
+    return {rel.removesuffix(".parquet"): size for rel, (size, _) in files.items()
+            if rel.endswith(".parquet") and "/" not in rel}
+
+
 def write(directory: Path, commit_id: str, files: dict[str, tuple[int, str]]) -> None:
     payload = {"commit_id": commit_id, "files": {k: [size, digest] for k, (size, digest) in files.items()}}
     (directory / MANIFEST).write_text(json.dumps(payload, indent=0) + "\n")

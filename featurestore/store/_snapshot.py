@@ -76,9 +76,6 @@ class State:
         files += [self.root / COMMITS / e.commit_id / f"{name}.parquet" for e in self.entries if name in e.tables]
         return files
 
-    def commit_ids(self) -> list[str]:
-        return [e.commit_id for e in self.entries]
-
     def bytes(self) -> int:
         return (self.checkpoint.bytes if self.checkpoint else 0) + sum(e.bytes for e in self.entries)
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 from duckdb import sqltypes
 
 from featurestore.store._snapshot import State
-from schemas import FREE_TABLES, TABLES, EmbeddingSet, ReadOnlyError, stored_schema
+from schemas import FREE_TABLES, TABLES, EmbeddingSet, ReadOnlyError, arrow_schema
 
 KEYS: dict[str, tuple[str, ...]] = {
     "slides": ("slide_id",),
@@ -57,9 +57,13 @@ def table_names() -> list[str]:
     return [*TABLES, *FREE_TABLES]
 
 
+def table_schema(name: str) -> pa.Schema:
+    """The columns a commit writes for table ``name``, before ``commit_id``."""
+    return FREE_TABLES[name] if name in FREE_TABLES else arrow_schema(TABLES[name])
+
+
 def empty_schema(name: str) -> pa.Schema:
-    return (FREE_TABLES[name].append(pa.field("commit_id", pa.string())) if name in FREE_TABLES
-            else stored_schema(TABLES[name]))
+    return table_schema(name).append(pa.field("commit_id", pa.string()))
 
 
 def quote(value: str) -> str:
@@ -103,9 +107,8 @@ def _check_explain(query: str) -> None:
         raise ReadOnlyError("fs sql is read-only: only EXPLAIN of a SELECT runs (EXPLAIN options are refused)")
 
 
-LOCKDOWN = ("SET autoinstall_known_extensions = false", "SET autoload_known_extensions = false",
-            "SET lock_configuration = true")
-"""Applied after the views exist: user SQL can neither fetch nor load extensions nor change settings."""
+NO_EXTENSIONS = "SET autoinstall_known_extensions = false; SET autoload_known_extensions = false"
+"""User SQL can neither fetch nor load an extension (``read_csv('http://…')`` would install httpfs)."""
 
 
 def connect(state: State) -> duckdb.DuckDBPyConnection:
@@ -135,14 +138,13 @@ def connect(state: State) -> duckdb.DuckDBPyConnection:
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM {raw}")
     con.execute(f"CREATE VIEW tiles AS SELECT t.* FROM {RAW}.tiles t JOIN slide_tilings st "
                 "ON t.slide_id = st.slide_id AND t.tiling_id = st.tiling_id AND t.commit_id = st.commit_id")
-    for statement in LOCKDOWN[:2]:
-        con.execute(statement)
+    con.execute(NO_EXTENSIONS)
     return con
 
 
 def lock(con: duckdb.DuckDBPyConnection) -> None:
     """No more configuration changes on ``con``: call once its views and functions are defined."""
-    con.execute(LOCKDOWN[2])
+    con.execute("SET lock_configuration = true")
 
 
 def query(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pa.Table:

@@ -7,7 +7,6 @@ so opening and querying cost O(checkpoint + commits since), not O(history).
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,10 +16,9 @@ from typing import TYPE_CHECKING, Self
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from featurestore.store import _checkpoint, _log, _maintenance, _manifest
-from featurestore.store._commit import Transaction, fsync_tree
+from featurestore.store import _checkpoint, _log, _maintenance, _sql
+from featurestore.store._commit import Transaction
 from featurestore.store._labels import LabelsImport, read_labels
 from featurestore.store._layout import (
     CHECKPOINTS,
@@ -35,8 +33,6 @@ from featurestore.store._layout import (
 from featurestore.store._snapshot import Resolver
 from featurestore.store.snapshot import Snapshot, StoreInfo
 from schemas import (
-    FREE_TABLES,
-    TABLES,
     Bag,
     EmbeddingSet,
     EncoderSpec,
@@ -148,19 +144,9 @@ class Store:
             raise StoreExistsError(f"{root}: directory is not empty; choose a new or empty directory")
         for sub in (COMMITS, STAGING, LOG, CHECKPOINTS):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        genesis = root / STAGING / GENESIS
-        genesis.mkdir()
-        for name, cls_ in TABLES.items():
-            pq.write_table(stored_schema(cls_).empty_table(), genesis / f"{name}.parquet")
-        for name, schema in FREE_TABLES.items():
-            pq.write_table(schema.append(pa.field("commit_id", pa.string())).empty_table(),
-                           genesis / f"{name}.parquet")
-        sizes = {p.stem: p.stat().st_size for p in genesis.glob("*.parquet")}
-        files = _manifest.build(genesis)
-        _manifest.write(genesis, GENESIS, files)
-        fsync_tree(genesis)
-        os.rename(genesis, root / COMMITS / GENESIS)
-        _log.append(root, -1, commit_id=GENESIS, tables=sizes, size=sum(s for s, _ in files.values()))
+        with Transaction(root, lambda: -1, commit_id=GENESIS) as genesis:
+            for name in _sql.table_names():
+                genesis.add_table(name, _sql.table_schema(name).empty_table())
         write_marker(root)
         return cls(root, read_only=False)
 
