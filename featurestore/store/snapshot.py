@@ -117,14 +117,17 @@ class Snapshot:
 
     # --- catalogue ---------------------------------------------------------------------------
 
-    def _records(self, table: str, cls: type) -> list:
-        return [from_row(cls, row) for row in
-                _sql.query(self._plain_con, f"SELECT * EXCLUDE (commit_id) FROM {table}").to_pylist()]
-
     @cached_property
     def _plain_con(self) -> duckdb.DuckDBPyConnection:
         """The connection with table views only, before ``_con`` adds the embedding views to it."""
         return _sql.connect(self.state)
+
+    def _tables(self, query: str, params: list | None = None) -> pa.Table:
+        """The store's own SQL over the table views: no gate, and no embedding views are defined for it."""
+        return _sql.query(self._plain_con, query, params)
+
+    def _records(self, table: str, cls: type) -> list:
+        return [from_row(cls, row) for row in self._tables(f"SELECT * EXCLUDE (commit_id) FROM {table}").to_pylist()]
 
     def slides(self) -> list[Slide]:
         return self._records("slides", Slide)
@@ -173,8 +176,7 @@ class Snapshot:
 
     def progress(self, tiling_id: str) -> dict[str, frozenset[str]]:
         """Resume state in one query: every slide tiled with ``tiling_id`` → ids of the sets holding its bag."""
-        rows = _sql.query(
-            self._plain_con,
+        rows = self._tables(
             "SELECT st.slide_id, list(e.set_id) FILTER (WHERE e.set_id IS NOT NULL) AS sets "
             "FROM slide_tilings st LEFT JOIN bags b ON b.slide_id = st.slide_id "
             "LEFT JOIN embedding_sets e ON e.set_id = b.set_id AND e.tiling_id = st.tiling_id "
@@ -199,10 +201,9 @@ class Snapshot:
     def _locations(self) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], tuple[str, bool, int]]]:
         """Where each (set, slide) bag and each (slide, tiling) tile table lives in this snapshot."""
         bags = {(r["set_id"], r["slide_id"]): r["commit_id"] for r in
-                _sql.query(self._plain_con, "SELECT set_id, slide_id, commit_id FROM bags").to_pylist()}
+                self._tables("SELECT set_id, slide_id, commit_id FROM bags").to_pylist()}
         tiled = {(r["slide_id"], r["tiling_id"]): (r["commit_id"], r["pixels"], r["n_tiles"]) for r in
-                 _sql.query(self._plain_con,
-                            "SELECT slide_id, tiling_id, commit_id, pixels, n_tiles FROM slide_tilings").to_pylist()}
+                 self._tables("SELECT slide_id, tiling_id, commit_id, pixels, n_tiles FROM slide_tilings").to_pylist()}
         return bags, tiled
 
     def bag_commits(self, es: EmbeddingSet) -> dict[str, str]:
@@ -338,18 +339,17 @@ class Snapshot:
     # --- summary -----------------------------------------------------------------------------
 
     def info(self) -> StoreInfo:
-        con = self._plain_con
-        counts = _sql.query(con,
+        counts = self._tables(
             "SELECT (SELECT count(*) FROM slides) AS slides, (SELECT sum(n_tiles) FROM slide_tilings) AS tiles, "
             "(SELECT count(*) FROM failures) AS failures, (SELECT count(*) FROM labels) AS labelled").to_pylist()[0]
-        bag_counts = {r["set_id"]: (r["slides"], r["tiles"]) for r in _sql.query(con,
+        bag_counts = {r["set_id"]: (r["slides"], r["tiles"]) for r in self._tables(
             "SELECT set_id, count(*) AS slides, sum(n_tiles) AS tiles FROM bags GROUP BY set_id").to_pylist()}
         sets = []
         for view, es in self.view_names().items():
             n_slides, n_tiles = bag_counts.get(es.id, (0, 0))
             sets.append((view, f"{es.encoder_name} ({es.embed_dim}-d {es.dtype})", n_slides, int(n_tiles or 0)))
         tilings = [(r["tiling_id"], f"{r['tile_size']} px @ {r['target_mpp']:g} µm/px", r["slides"],
-                    int(r["tiles"] or 0), r["with_pixels"]) for r in _sql.query(con,
+                    int(r["tiles"] or 0), r["with_pixels"]) for r in self._tables(
             "SELECT t.tiling_id, t.tile_size, t.target_mpp, count(st.slide_id) AS slides, sum(st.n_tiles) AS tiles, "
             "count(*) FILTER (WHERE st.pixels) AS with_pixels FROM tilings t LEFT JOIN slide_tilings st "
             "USING (tiling_id) GROUP BY ALL ORDER BY t.target_mpp, t.tile_size").to_pylist()]

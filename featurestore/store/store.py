@@ -303,7 +303,7 @@ class Store:
     def _unknown(self, records: list[TilingSpec | EncoderSpec | EmbeddingSet]) -> list:
         """Catalogue records not yet in the store, so each slide commit does not repeat them."""
         if self._known_ids is None:
-            self._known_ids = set(self.snapshot()._query(
+            self._known_ids = set(self.snapshot()._tables(
                 "SELECT tiling_id FROM tilings UNION ALL SELECT encoder_id FROM encoders "
                 "UNION ALL SELECT set_id FROM embedding_sets").column(0).to_pylist())
         new = [r for r in records if r.id not in self._known_ids]
@@ -331,8 +331,8 @@ class Store:
         """
         self._writable()
         snap = self.snapshot()
-        labels = read_labels(Path(csv_path), key, snap._query("SELECT slide_id, path FROM slides"),
-                             snap._query("SELECT * EXCLUDE (commit_id) FROM labels"), skip_unknown=skip_unknown)
+        labels = read_labels(Path(csv_path), key, snap._tables("SELECT slide_id, path FROM slides"),
+                             snap._tables("SELECT * EXCLUDE (commit_id) FROM labels"), skip_unknown=skip_unknown)
         if labels.table.num_rows:
             with self.transaction() as txn:
                 txn.add_table("labels", labels.table)
