@@ -38,9 +38,8 @@ class BagReader:
         self.store = store
         self.snapshot = store.snapshot()
         self.es = es
-        rows = self.snapshot.sql("SELECT slide_id, n_tiles FROM bags WHERE set_id = ? ORDER BY slide_id",
-                                 [es.id]).to_pylist()
-        self._where = {r["slide_id"]: r["n_tiles"] for r in rows}
+        # The snapshot's location map (a bag has as many rows as its slide has tiles): no SQL per reader.
+        self._where = {sid: self.snapshot.n_tiles(sid, es.tiling_id) for sid in self.snapshot.bag_commits(es)}
         self._arrays: dict[str, zarr.Array] = {}
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_budget = cache_bytes
