@@ -57,6 +57,10 @@ class PixelSpec:
     def __str__(self) -> str:
         return f"{self.size}@{self.mpp:g}"
 
+    def is_tiling(self, tiling: TilingSpec) -> bool:
+        """Pixels of the teacher tiles themselves (rather than of a coarser, derived tiling)."""
+        return self.size == tiling.tile_size and self.mpp == tiling.target_mpp
+
 
 @dataclass(frozen=True)
 class ExtractOptions:
@@ -168,8 +172,7 @@ def check_options(opts: ExtractOptions) -> None:
     for spec in opts.cache_pixels:
         if spec.size < 1 or not spec.mpp > 0:
             raise FsError(f"--cache-pixels {spec}: size and µm/px must be positive, e.g. 224@0.5")
-        if not (spec.size == opts.tiling.tile_size and spec.mpp == opts.tiling.target_mpp):
-            _derived_tiling(opts.tiling, spec)
+    wanted_pixels(opts)  # a derived tiling that is not a whole multiple raises here
 
 
 def _batches(n: int, size: int) -> list[np.ndarray]:
@@ -302,15 +305,15 @@ def _set_id(spec: EncoderSpec, opts: ExtractOptions) -> str:
 
 def wanted_pixels(opts: ExtractOptions) -> frozenset[str]:
     """Ids of the tilings whose pixels ``--cache-pixels`` asks for."""
-    return frozenset(opts.tiling.id if spec.size == opts.tiling.tile_size and spec.mpp == opts.tiling.target_mpp
-                     else _derived_tiling(opts.tiling, spec)[0].id for spec in opts.cache_pixels)
+    return frozenset(opts.tiling.id if spec.is_tiling(opts.tiling) else _derived_tiling(opts.tiling, spec)[0].id
+                     for spec in opts.cache_pixels)
 
 
 def _extra_layers(reader, slide_id: str, grid, opts: ExtractOptions, wanted: frozenset[str]
                   ) -> Iterator[TiledPixels]:
     """Pixels at further magnifications, on tilings aligned so each tile covers k×k teacher tiles."""
     for spec in opts.cache_pixels:
-        if spec.size == opts.tiling.tile_size and spec.mpp == opts.tiling.target_mpp:
+        if spec.is_tiling(opts.tiling):
             continue
         derived, k = _derived_tiling(opts.tiling, spec)
         if derived.id not in wanted:
