@@ -190,8 +190,10 @@ def test_vacuum_removes_only_what_no_snapshot_uses(tmp_path, tiling):
     store.compact()
     kept = store.vacuum(older_than_s=3600)
     assert (kept.staging, kept.unpublished_commits, kept.superseded_arrays) == (0, 0, 0), "too young to go"
+    replaced = sum(f.stat().st_size for f in (tmp_path / "s" / "commits" / first / "emb").rglob("*") if f.is_file())
     report = store.vacuum(older_than_s=0)
     assert (report.staging, report.unpublished_commits, report.superseded_arrays) == (1, 1, 1)
+    assert report.bytes_freed >= replaced > 0, "the replaced array's bytes are counted as freed"
     assert not any((tmp_path / "s" / "commits" / first / "emb").iterdir()), "the replaced bag's array is gone"
     assert np.allclose(store.read_bag(store.embedding_set("test/enc"), make_slide(0).slide_id),
                        rewritten, atol=1e-2)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,68 +163,80 @@ def vacuum(root: Path, resolver: Resolver, older_than_s: float) -> VacuumReport:
 
     Removed: staging directories (writers or checkpoints that died), commit directories no log
     entry names (a writer died between rename and log), bag and pixel arrays replaced by a commit
-    published before the cutoff, checkpoints older than the newest one, table parts no kept checkpoint names, and
-    FAISS files no index manifest names. A snapshot pinned within the retention period never
-    needs any of these.
+    published before the cutoff, checkpoints older than the newest one, table parts no kept
+    checkpoint names, and FAISS files no index manifest names. A snapshot pinned within the
+    retention period never needs any of these.
     """
     cutoff = time.time() - older_than_s
-    freed = 0
-    staging = [p for p in (root / STAGING).iterdir() if _old(p, cutoff)]
-    for p in staging:
-        freed += _remove(p)
-
     state = resolver.resolve(use_checkpoint=False)
     every = [resolver.entry(v) for v in range(state.version + 1)]
+    staging = _remove_all(p for p in (root / STAGING).iterdir() if _old(p, cutoff))
     logged = {e.commit_id for e in every if e.commit_id}
-    unpublished = [p for p in (root / COMMITS).iterdir() if p.name not in logged and _old(p, cutoff)]
-    for p in unpublished:
-        freed += _remove(p)
+    unpublished = _remove_all(p for p in (root / COMMITS).iterdir() if p.name not in logged and _old(p, cutoff))
+    arrays = _remove_replaced_arrays(root, [e for e in every if e.commit_id and e.commit_id not in state.dropped],
+                                     cutoff)
+    checkpoints, parts = _remove_old_checkpoints(root, cutoff)
+    index_files = _remove_all(_orphaned_index_files(root, cutoff))
+    counts = (staging, unpublished, arrays, checkpoints, parts, index_files)
+    return VacuumReport(*(n for n, _ in counts), sum(freed for _, freed in counts))
 
-    arrays = 0
-    latest: dict[tuple[str, str], tuple[str, float]] = {}
-    for e in every:
-        if e.commit_id is None or e.commit_id in state.dropped:
-            continue
+
+Removed = tuple[int, int]
+"""How many things were removed, and their bytes."""
+
+
+def _remove_all(paths: Iterable[Path]) -> Removed:
+    freed = [_remove(p) for p in paths]
+    return len(freed), sum(freed)
+
+
+def _remove_replaced_arrays(root: Path, live: list[_log.LogEntry], cutoff: float) -> Removed:
+    """Arrays of a (set or tiling, slide) that a later commit, published before ``cutoff``, wrote again."""
+    latest: dict[tuple[str, str], str] = {}
+    count = freed = 0
+    for e in live:
         directory = root / COMMITS / e.commit_id
         for kind in ("emb", "pix"):
             for sub in (directory / kind).iterdir() if (directory / kind).is_dir() else ():
                 for slide in e.slides:
                     key = (f"{kind}/{sub.name}", slide)
-                    previous = latest.get(key)
-                    if previous is not None and e.published_at < cutoff:
-                        arrays += _mark_superseded(root / COMMITS / previous[0], key[0])
-                    latest[key] = (e.commit_id, e.published_at)
-    checkpoints = parts = 0
+                    if key in latest and e.published_at < cutoff:
+                        removed = _mark_superseded(root / COMMITS / latest[key], key[0])
+                        count, freed = count + (removed is not None), freed + (removed or 0)
+                    latest[key] = e.commit_id
+    return count, freed
+
+
+def _remove_old_checkpoints(root: Path, cutoff: float) -> tuple[Removed, Removed]:
+    """Checkpoints older than the newest, then the parts that no remaining checkpoint names."""
     newest = latest_checkpoint(root)
-    if newest is not None:
-        keep = set()
-        for p in sorted((root / CHECKPOINTS).iterdir()):
-            if not p.name.isdigit():
-                continue
-            if int(p.name) < newest.version and _old(p, cutoff):
-                freed += _remove(p)
-                checkpoints += 1
-            else:
-                keep |= _checkpoint_parts(p)
-        for p in (root / PARTS).iterdir() if (root / PARTS).is_dir() else ():
-            if f"{PARTS}/{p.name}" not in keep and _old(p, cutoff):
-                freed += _remove(p)
-                parts += 1
-    index_files = 0
+    if newest is None:
+        return (0, 0), (0, 0)
+    old, keep = [], set()
+    for p in sorted((root / CHECKPOINTS).iterdir()):
+        if not p.name.isdigit():
+            continue
+        if int(p.name) < newest.version and _old(p, cutoff):
+            old.append(p)
+        else:
+            keep |= _checkpoint_parts(p)
+    parts = (p for p in ((root / PARTS).iterdir() if (root / PARTS).is_dir() else ())
+             if f"{PARTS}/{p.name}" not in keep and _old(p, cutoff))
+    return _remove_all(old), _remove_all(parts)
+
+
+def _orphaned_index_files(root: Path, cutoff: float) -> Iterator[Path]:
+    """FAISS files their index's manifest does not name (a build replaced them, or died before naming)."""
     for directory in (root / "indexes").iterdir() if (root / "indexes").is_dir() else ():
         try:
             named = json.loads((directory / "manifest.json").read_bytes()).get("index_file")
         except (OSError, ValueError, AttributeError):
             continue
-        for f in directory.glob("*.faiss"):
-            if f.name != named and _old(f, cutoff):
-                freed += _remove(f)
-                index_files += 1
-    return VacuumReport(len(staging), len(unpublished), arrays, checkpoints, parts, index_files, freed)
+        yield from (f for f in directory.glob("*.faiss") if f.name != named and _old(f, cutoff))
 
 
 def _checkpoint_parts(directory: Path) -> set[str]:
-    """Tile parts a checkpoint directory names (none if its record is unreadable)."""
+    """The parts a checkpoint directory names (none if its record is unreadable)."""
     try:
         return {p[0] for parts in json.loads((directory / CHECKPOINT_FILE).read_bytes())["parts"].values()
                 for p in parts}
@@ -231,17 +244,19 @@ def _checkpoint_parts(directory: Path) -> set[str]:
         return set()
 
 
-def _mark_superseded(directory: Path, prefix: str) -> int:
-    """Remove one replaced array from an old commit, recording it so verify does not call it damage."""
+def _mark_superseded(directory: Path, prefix: str) -> int | None:
+    """Remove one replaced array from an old commit, recording it so verify does not call it damage.
+
+    Returns the bytes freed, or None when it was removed before.
+    """
     target = directory / prefix
     if not target.exists():
-        return 0
+        return None
     gone = _superseded(directory)
     manifest = _manifest.read(directory) or {}
     gone.update(k for k in manifest if k.startswith(prefix + "/"))
     (directory / SUPERSEDED).write_text(json.dumps(sorted(gone)) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    return 1
+    return _remove(target)
 
 
 def migrate(root: Path) -> int:
