@@ -224,8 +224,9 @@ class Snapshot:
     def _checked(self, commit: str, prefix: str, slide_id: str, what: str) -> Path:
         """The commit's path after checking every file under ``prefix`` is present with its committed size."""
         directory = self.root / COMMITS / commit
-        damage = _manifest.check(directory, self._manifest(commit), prefix)
-        if damage or not any(rel.startswith(prefix) for rel in self._manifest(commit)):
+        files = self._manifest(commit)
+        damage = _manifest.check(directory, files, prefix)
+        if damage or not any(rel.startswith(prefix) for rel in files):
             problem = (f"{damage[0].path}: {damage[0].problem}" if damage
                        else f"{directory / prefix}: not in the manifest")
             raise StoreDamageError(f"{problem} — {what} of slide {slide_id} cannot be read; fix: re-extract "
