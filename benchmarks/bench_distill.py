@@ -36,16 +36,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from benchmarks._common import best_of_interleaved, row
-from distill.kd import evaluate as E
-from distill.kd.data import Batch, CachedTiles, SlideBalancedSampler, dihedral_each
-from distill.kd.objectives import ObjectiveConfig, Targets, build_objective
-from distill.kd.students import Student, create_student
-from distill.kd.train import DistillConfig, TargetScaling, run_pass
+from featurestore.distill.kd import evaluate as E
+from featurestore.distill.kd.data import Batch, CachedTiles, SlideBalancedSampler, dihedral_each
+from featurestore.distill.kd.objectives import ObjectiveConfig, Targets, build_objective
+from featurestore.distill.kd.students import Student, create_student
+from featurestore.distill.kd.train import DistillConfig, TargetScaling, run_pass
 from featurestore.encoders import Teacher, build_teacher
+from featurestore.pipelines.demo import make_cohort
+from featurestore.pipelines.extract import ExtractOptions, PixelSpec, run_extract
+from featurestore.schemas import TilingSpec
 from featurestore.store import Store
-from pipelines.demo import make_cohort
-from pipelines.extract import ExtractOptions, PixelSpec, run_extract
-from schemas import TilingSpec
 
 TEACHER = "efficientnet-lite0"
 STUDENT = "mobilenetv3_small_100"

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import best_of, row
-from pipelines.demo import make_cohort
-from pipelines.extract import ExtractOptions, load_teachers, resolve_device, run_extract
-from schemas import TilingSpec
+from featurestore.pipelines.demo import make_cohort
+from featurestore.pipelines.extract import ExtractOptions, load_teachers, resolve_device, run_extract
+from featurestore.schemas import TilingSpec
 
 TEACHER = "efficientnet-lite0"
 BATCH = 64

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import best_of_interleaved, row
+from featurestore.schemas import TilingSpec
 from featurestore.slides import open_slide, read_tiles, tile_grid
 from featurestore.slides.tiling import TileGrid
-from schemas import TilingSpec
 
 REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 REPEATS = 9
@@ -38,7 +38,7 @@ TILING = TilingSpec(target_mpp=0.5, tile_size=224, tissue_method="none", min_tis
 
 
 def _slides(quick: bool, tmp: Path) -> list[tuple[str, Path]]:
-    from pipelines.demo import render_tissue, write_slide
+    from featurestore.pipelines.demo import render_tissue, write_slide
 
     size = 4096 if quick else 8192
     generated = tmp / "large.tiff"

@@ -40,9 +40,9 @@ import zarr
 from zarr.storage import LocalStore
 
 from benchmarks._common import row
+from featurestore.schemas import EncoderSpec, Slide, TilingSpec
 from featurestore.store import SlideCommit, Snapshot, Store, tiles_table
 from featurestore.store.store import CHECKPOINT_EVERY
-from schemas import EncoderSpec, Slide, TilingSpec
 
 TILES, DIM = 100, 64
 TILING = TilingSpec(0.5, 224)

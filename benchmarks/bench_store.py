@@ -23,9 +23,9 @@ import numpy as np
 import zarr
 
 from benchmarks._common import best_of, row
+from featurestore.schemas import EncoderSpec, Slide, TilingSpec
 from featurestore.store import SlideCommit, Store, tiles_table
 from featurestore.store._arrays import write_embeddings
-from schemas import EncoderSpec, Slide, TilingSpec
 
 TILING = TilingSpec(0.5, 224)
 

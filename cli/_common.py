@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from schemas import FsError
+from featurestore.schemas import FsError
 
 console = Console()
 err_console = Console(stderr=True)

@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pipelines.extract import ExtractReport, PlannedSlide, SlideOutcome
+from featurestore.pipelines.extract import ExtractReport, PlannedSlide, SlideOutcome
 
 
 class ExtractProgress:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli._common import StoreOpt, console, friendly
+from featurestore.cli._common import StoreOpt, console, friendly
 
 
 class ObjectiveName(StrEnum):
@@ -105,7 +105,7 @@ def distill_command(
 ) -> None:
     """Train a student from cached pixels and teacher targets; no teacher runs. Writes the student,
     report.json / report.md / curves.png and a cost ledger; use it with fs extract --model student:OUT."""
-    from distill.kd import Augment, DistillConfig, ObjectiveConfig, distill
+    from featurestore.distill.kd import Augment, DistillConfig, ObjectiveConfig, distill
 
     objective_cfg = ObjectiveConfig(cosine=cosine, smooth_l1=smooth_l1, teacher_weights=tuple(teacher_weight or ()),
                                     learned_weights=learned_weights, xmag_lambda=xmag_lambda,

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli._common import OutputFormat, OverwriteOpt, StoreOpt, console, friendly, new_output, print_table
+from featurestore.cli._common import OutputFormat, OverwriteOpt, StoreOpt, console, friendly, new_output, print_table
 from featurestore.store import Store
 
 app = typer.Typer(help="Cached-feature store for computational pathology: extract once, distil many times.",
@@ -91,7 +91,7 @@ def slides_add(paths: Annotated[list[Path], typer.Argument(help="Slide files, fo
                assume_mpp: Annotated[float | None, typer.Option(help="µm/px for slides whose files have none.")]
                = None) -> None:
     """Register slides (metadata only) so labels can be attached before extraction."""
-    from pipelines.register import add_slides
+    from featurestore.pipelines.register import add_slides
 
     report = add_slides(Store.open_or_create(store), list(paths), reader=reader, assume_mpp=assume_mpp)
     console.print(f"added {len(report.added)} slides, {len(report.known)} already known, "
@@ -122,7 +122,7 @@ def demo_cohort(out: Annotated[Path, typer.Argument(help="Directory for slides/ 
                 size: Annotated[int, typer.Option(help="Level-0 edge in pixels.")] = 4096,
                 seed: Annotated[int, typer.Option(help="Random seed.")] = 0) -> None:
     """Generate a synthetic H&E cohort (pyramidal TIFFs with µm/px) and its labels CSV."""
-    from pipelines.demo import make_cohort
+    from featurestore.pipelines.demo import make_cohort
 
     cohort = make_cohort(out, n_slides, size=size, seed=seed)
     console.print(f"wrote {len(cohort.slides)} slides to {out / 'slides'} and labels to {cohort.labels_csv}")
@@ -177,9 +177,9 @@ def extract(
     """Tile slides and store teacher embeddings (stage one). Safe to re-run: finished work is skipped."""
     import sys
 
-    from cli._progress import ExtractProgress, print_dry_run, print_summary
-    from pipelines.extract import ExtractOptions, PixelSpec, dry_run_counts, run_extract
-    from schemas import TilingSpec
+    from featurestore.cli._progress import ExtractProgress, print_dry_run, print_summary
+    from featurestore.pipelines.extract import ExtractOptions, PixelSpec, dry_run_counts, run_extract
+    from featurestore.schemas import TilingSpec
 
     tiling = TilingSpec(target_mpp=mpp, tile_size=tile_size, overlap=overlap, tissue_method=tissue.value,
                         min_tissue=min_tissue, edge=edge.value)
@@ -206,7 +206,7 @@ def extract(
 
 def _register_subcommands() -> None:
     """Commands of the other packages, each module adding its own (kept out of this file's imports)."""
-    from cli import distill, maintenance, search, train, xcohort
+    from featurestore.cli import distill, maintenance, search, train, xcohort
 
     distill.register(app)
     maintenance.register(app)

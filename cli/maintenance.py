@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import StoreOpt, console, err_console, friendly
+from featurestore.cli._common import StoreOpt, console, err_console, friendly
 from featurestore.store import Store, migrate
 
 

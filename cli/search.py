@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli._common import (
+from featurestore.cli._common import (
     OutputFormat,
     OverwriteOpt,
     StoreOpt,
@@ -190,7 +190,7 @@ def import_cmd(
     = None,
 ) -> None:
     """Import TRIDENT, CLAM or STAMP HDF5 feature files as slides, tiles and an embedding set."""
-    from pipelines.interop import ImportOptions, import_features
+    from featurestore.pipelines.interop import ImportOptions, import_features
 
     opts = ImportOptions(layout=layout.value if layout else None, slides_dir=slides, model_name=model_name,
                          assume_mpp=assume_mpp, patch_size=patch_size, patch_level=patch_level)
@@ -219,7 +219,7 @@ def export_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <slide>.h5 files.")] = False,
 ) -> None:
     """Write an embedding set as per-slide HDF5 files that TRIDENT, CLAM or STAMP code reads."""
-    from pipelines.interop import export_features
+    from featurestore.pipelines.interop import export_features
 
     report = export_features(Store.open(store, read_only=True), model, out_dir, layout.value, overwrite=overwrite)
     console.print(f"wrote {len(report.files)} {fmt.value} files ({layout.value} layout) to {out_dir}; "

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli._common import StoreOpt, console, friendly
+from featurestore.cli._common import StoreOpt, console, friendly
 
 
 class TaskKind(StrEnum):
@@ -96,9 +96,9 @@ def train_command(
     Splits are stratified and grouped by patient; the model is selected on an inner validation
     split of the training patients, never on the test fold.
     """
-    from distill.mil import HeadConfig
-    from distill.tasks import TaskSpec
-    from distill.train import TrainConfig, train
+    from featurestore.distill.mil import HeadConfig
+    from featurestore.distill.tasks import TaskSpec
+    from featurestore.distill.train import TrainConfig, train
 
     cfg = TrainConfig(
         store=store, model=model, out=out,
@@ -120,7 +120,7 @@ def eval_command(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
 ) -> None:
     """Recompute metrics.json and the curves of a run from its predictions."""
-    from distill.report import evaluate_run
+    from featurestore.distill.report import evaluate_run
 
     _print_metrics(evaluate_run(run_dir, n_boot=bootstrap), str(run_dir))
 
@@ -136,7 +136,7 @@ def predict_command(
     Rows are keyed by (run_id, slide_id, seed, fold); held_out marks slides a head never trained or
     selected on, so out-of-fold soft targets for distillation are one filter away.
     """
-    from distill.predict import predict
+    from featurestore.distill.predict import predict
 
     result = predict(run_dir, store, device=device, batch_size=batch_size,
                      on_progress=lambda line: console.print(line, highlight=False))

@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli._common import StoreOpt, console, friendly
-from cli.train import TaskKind
+from featurestore.cli._common import StoreOpt, console, friendly
+from featurestore.cli.train import TaskKind
 
 
 class Objective(StrEnum):
@@ -76,10 +76,17 @@ def distill_slides_command(
     """
     import numpy as np
 
-    from distill.mil import HeadConfig
-    from distill.tasks import TaskSpec
-    from distill.xcohort import BankSpec, SlideDistillConfig, compare_objectives, distill_slides, sweep, wilcoxon_p
-    from distill.xcohort.slides import write_run
+    from featurestore.distill.mil import HeadConfig
+    from featurestore.distill.tasks import TaskSpec
+    from featurestore.distill.xcohort import (
+        BankSpec,
+        SlideDistillConfig,
+        compare_objectives,
+        distill_slides,
+        sweep,
+        wilcoxon_p,
+    )
+    from featurestore.distill.xcohort.slides import write_run
 
     spec = None
     if bank is not None or bank_label is not None:
@@ -136,7 +143,7 @@ def amkd_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
     """Distil a pathology + omics survival teacher into a pathology-only ABMIL student (docs/amkd.md)."""
-    from distill.xcohort import AmkdConfig, amkd
+    from featurestore.distill.xcohort import AmkdConfig, amkd
 
     result = amkd(AmkdConfig(store, model, time, event, tuple(omics or ()), omics_parquet, omics_key,
                              folds=folds, seeds=seeds, epochs=epochs, batch_size=batch_size, weight=weight, tau=tau,

@@ -18,8 +18,8 @@ import zarr
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from featurestore.schemas import EmbeddingSet
 from featurestore.store import Store
-from schemas import EmbeddingSet
 
 
 class BagReader:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from schemas import FsError
+from featurestore.schemas import FsError
 
 
 class ConfigError(FsError, ValueError):

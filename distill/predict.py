@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from distill.data import BagDataset, BagReader
-from distill.errors import RunDirError
-from distill.runtime import Checkpoint, autocast, batches, load_checkpoint, make_loader, resolve_device
+from featurestore.distill.data import BagDataset, BagReader
+from featurestore.distill.errors import RunDirError
+from featurestore.distill.runtime import Checkpoint, autocast, batches, load_checkpoint, make_loader, resolve_device
+from featurestore.schemas import PREDICTIONS_SCHEMA, EmbeddingSet, UnknownEmbeddingSetError
 from featurestore.store import Store
-from schemas import PREDICTIONS_SCHEMA, EmbeddingSet, UnknownEmbeddingSetError
 
 PREDICTIONS_TABLE = "predictions"
 

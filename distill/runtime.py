@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from distill.data import BagBatch, BagDataset, collate_bags
-from distill.errors import RunDirError
-from distill.mil import HeadConfig, MILHead, build_head
-from distill.tasks import Task, task_from_dict
+from featurestore.distill.data import BagBatch, BagDataset, collate_bags
+from featurestore.distill.errors import RunDirError
+from featurestore.distill.mil import HeadConfig, MILHead, build_head
+from featurestore.distill.tasks import Task, task_from_dict
 
 CHECKPOINT_FORMAT = 1
 

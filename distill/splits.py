@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distill.errors import ConfigError
+from featurestore.distill.errors import ConfigError
 
 ROLES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 """Accepted values of a fixed split column (case-insensitive)."""

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill import metrics as M
-from distill.errors import ConfigError
+from featurestore.distill import metrics as M
+from featurestore.distill.errors import ConfigError
 
 Kind = Literal["classification", "ordinal", "survival", "regression"]
 LOSSES: dict[str, tuple[str, ...]] = {

@@ -25,15 +25,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distill import report
-from distill.data import BagDataset, BagReader, BagSource
-from distill.errors import ConfigError, check_new_run_dir
-from distill.mil import HeadConfig, MILHead, build_head
-from distill.runtime import amp_dtype, autocast, batches, infer, make_loader, resolve_device, save_checkpoint
-from distill.splits import Split, column_splits, kfold_splits
-from distill.tasks import Task, TaskSpec, make_task
+from featurestore.distill import report
+from featurestore.distill.data import BagDataset, BagReader, BagSource
+from featurestore.distill.errors import ConfigError, check_new_run_dir
+from featurestore.distill.mil import HeadConfig, MILHead, build_head
+from featurestore.distill.runtime import (
+    amp_dtype,
+    autocast,
+    batches,
+    infer,
+    make_loader,
+    resolve_device,
+    save_checkpoint,
+)
+from featurestore.distill.splits import Split, column_splits, kfold_splits
+from featurestore.distill.tasks import Task, TaskSpec, make_task
+from featurestore.schemas import EmbeddingSet
 from featurestore.store import Store
-from schemas import EmbeddingSet
 
 Progress = Callable[[str], None]
 

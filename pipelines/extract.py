@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from featurestore.pipelines.discover import find_slides
+from featurestore.pipelines.register import describe_slide
+from featurestore.schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec
+from featurestore.schemas._record import utcnow
 from featurestore.slides import open_slide, qc_overlay, read_tiles, tile_grid, tissue_mask
 from featurestore.store import SlideCommit, Store, TiledPixels, tiles_table
-from pipelines.discover import find_slides
-from pipelines.register import describe_slide
-from schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec
-from schemas._record import utcnow
 
 if TYPE_CHECKING:
     from featurestore.encoders import Teacher

@@ -58,9 +58,8 @@ from typing import Any, Literal, get_args
 import numpy as np
 import pyarrow as pa
 
-from featurestore.store import SlideCommit, Store, tiles_table
-from pipelines.discover import SLIDE_SUFFIXES, fingerprint
-from schemas import (
+from featurestore.pipelines.discover import SLIDE_SUFFIXES, fingerprint
+from featurestore.schemas import (
     IMPORTS_SCHEMA,
     EmbeddingSet,
     EncoderSpec,
@@ -71,7 +70,8 @@ from schemas import (
     Slide,
     TilingSpec,
 )
-from schemas._record import utcnow
+from featurestore.schemas._record import utcnow
+from featurestore.store import SlideCommit, Store, tiles_table
 
 Layout = Literal["trident", "clam", "stamp"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
@@ -242,8 +242,8 @@ def _sha256(path: Path) -> str:
 
 def _real_slide(header: _Header, slides: dict[str, list[Path]], opts: ImportOptions) -> tuple[Slide, Any]:
     """The slide file of the same stem, described like ``fs slides add``, and its level downsamples."""
+    from featurestore.pipelines.register import describe_slide
     from featurestore.slides import open_slide
-    from pipelines.register import describe_slide
 
     matches = slides.get(header.path.stem, [])
     if len(matches) != 1:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featurestore.pipelines.discover import find_slides
+from featurestore.schemas import Failure, MissingMppError, Slide, SlideError
 from featurestore.slides import open_slide
 from featurestore.store import Store
-from pipelines.discover import find_slides
-from schemas import Failure, MissingMppError, Slide, SlideError
 
 
 def describe_slide(path: Path, slide_id: str, *, reader: str = "auto", assume_mpp: float | None = None) -> Slide:

@@ -1,6 +1,6 @@
 """The data model every other package speaks: typed records, their Arrow schemas, and errors."""
 
-from schemas.errors import (
+from featurestore.schemas.errors import (
     FsError,
     InvalidRecordError,
     LabelsError,
@@ -15,7 +15,7 @@ from schemas.errors import (
     StoreWriteError,
     UnknownEmbeddingSetError,
 )
-from schemas.records import (
+from featurestore.schemas.records import (
     FORMAT_VERSION,
     Bag,
     EmbeddingSet,
@@ -28,7 +28,7 @@ from schemas.records import (
     TilingSpec,
     tile_id,
 )
-from schemas.tables import (
+from featurestore.schemas.tables import (
     FREE_TABLES,
     IMPORTS_SCHEMA,
     LABELS_SCHEMA,

@@ -10,7 +10,7 @@ import typing
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
 
-from schemas.errors import InvalidRecordError
+from featurestore.schemas.errors import InvalidRecordError
 
 
 def utcnow() -> datetime:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar, Literal
 
-from schemas._record import Record, content_id, require, utcnow
+from featurestore.schemas._record import Record, content_id, require, utcnow
 
 FORMAT_VERSION = 2
 """Store format version written by this code; newer stores are refused, older ones need `fs migrate`."""

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from schemas._record import Record
-from schemas.errors import InvalidRecordError
-from schemas.records import (
+from featurestore.schemas._record import Record
+from featurestore.schemas.errors import InvalidRecordError
+from featurestore.schemas.records import (
     Bag,
     EmbeddingSet,
     EncoderSpec,

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from featurestore.schemas import EncoderSpec, Slide, TilingSpec
 from featurestore.store import SlideCommit, Store, tiles_table
-from schemas import EncoderSpec, Slide, TilingSpec
 
 REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from featurestore.cli.main import app
 from featurestore.store import Store
 from tests.conftest import commit_random_slide, make_encoder
 

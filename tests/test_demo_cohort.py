@@ -9,7 +9,7 @@ import numpy as np
 import openslide
 import pytest
 
-from pipelines.demo import LABELS_COLUMNS, DemoCohort, make_cohort, write_slide
+from featurestore.pipelines.demo import LABELS_COLUMNS, DemoCohort, make_cohort, write_slide
 
 SIZE = 2048
 MPP = 0.5

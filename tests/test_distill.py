@@ -20,16 +20,16 @@ from typer.testing import CliRunner
 
 import featurestore.encoders
 import featurestore.encoders._teacher
-from cli.distill import register
-from distill.kd import DistillConfig, ObjectiveConfig, distill
-from distill.kd.data import CachedTiles, children
-from distill.kd.objectives import FeatureKD, Targets, XmagKD
-from distill.kd.students import Student, create_student, export_encoder
-from distill.kd.train import TeacherPassCounter
+from featurestore.cli.distill import register
+from featurestore.distill.kd import DistillConfig, ObjectiveConfig, distill
+from featurestore.distill.kd.data import CachedTiles, children
+from featurestore.distill.kd.objectives import FeatureKD, Targets, XmagKD
+from featurestore.distill.kd.students import Student, create_student, export_encoder
+from featurestore.distill.kd.train import TeacherPassCounter
+from featurestore.pipelines.demo import make_cohort
+from featurestore.pipelines.extract import ExtractOptions, PixelSpec, run_extract
+from featurestore.schemas import TilingSpec
 from featurestore.store import Store
-from pipelines.demo import make_cohort
-from pipelines.extract import ExtractOptions, PixelSpec, run_extract
-from schemas import TilingSpec
 
 TEACHER = "efficientnet-lite0"
 TILING = TilingSpec(target_mpp=0.5, tile_size=224)
@@ -228,9 +228,9 @@ def test_every_objective_trains_from_the_store_alone(store_path, tmp_path, objec
 
 
 def test_logit_distillation_from_the_heads_of_an_fs_train_run(store_path, tmp_path):
-    from distill.mil import HeadConfig
-    from distill.tasks import TaskSpec
-    from distill.train import TrainConfig, train
+    from featurestore.distill.mil import HeadConfig
+    from featurestore.distill.tasks import TaskSpec
+    from featurestore.distill.train import TrainConfig, train
 
     mil = train(TrainConfig(store=store_path, model=TEACHER, task=TaskSpec("classification", "label"),
                             out=tmp_path / "mil", head=HeadConfig("abmil", hidden=32, attention_dim=16), folds=2,

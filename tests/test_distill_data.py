@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.kd.data import (
+from featurestore.distill.kd.data import (
     Augment,
     CachedTiles,
     SlideBalancedSampler,
@@ -19,8 +19,8 @@ from distill.kd.data import (
     to_student,
 )
 from featurestore.encoders import TeacherConfig, preprocess
+from featurestore.schemas import EncoderSpec, Slide, TilingSpec
 from featurestore.store import SlideCommit, Store, tiles_table
-from schemas import EncoderSpec, Slide, TilingSpec
 
 TILING = TilingSpec(target_mpp=0.5, tile_size=224)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.kd import evaluate as E
+from featurestore.distill.kd import evaluate as E
 
 
 def test_cosines_raw_centred_and_of_the_mean_predictor():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill.errors import ConfigError
-from distill.kd.objectives import (
+from featurestore.distill.errors import ConfigError
+from featurestore.distill.kd.objectives import (
     DistributionKD,
     FeatureKD,
     LogitKD,

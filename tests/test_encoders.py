@@ -36,7 +36,7 @@ from featurestore.encoders import (
 )
 from featurestore.encoders._registry import load_entrypoint
 from featurestore.encoders._weights import load_strict, locate, read_state_dict
-from schemas import EncoderSpec, ModelError
+from featurestore.schemas import EncoderSpec, ModelError
 
 REPO = Path(__file__).resolve().parents[1]
 BUILT_IN = ["uni", "uni2-h", "gigapath", "conch-v1", "conch-v1.5", "virchow2", "h-optimus-0", "h0-mini",
@@ -352,7 +352,7 @@ def test_hub_weights_come_from_the_cache_offline_or_fail_in_one_actionable_line(
     code = textwrap.dedent("""
         import sys
         from featurestore.encoders import TeacherConfig, build_teacher, register_teacher
-        from schemas import ModelError
+        from featurestore.schemas import ModelError
         try:
             build_teacher("uni")
         except ModelError as err:

@@ -10,14 +10,14 @@ import json
 
 import pytest
 
-from distill.mil import HeadConfig
-from distill.predict import predict, read_predictions
-from distill.tasks import TaskSpec
-from distill.train import TrainConfig, train
+from featurestore.distill.mil import HeadConfig
+from featurestore.distill.predict import predict, read_predictions
+from featurestore.distill.tasks import TaskSpec
+from featurestore.distill.train import TrainConfig, train
+from featurestore.pipelines.demo import make_cohort
+from featurestore.pipelines.extract import ExtractOptions, run_extract
+from featurestore.schemas import TilingSpec
 from featurestore.store import Store
-from pipelines.demo import make_cohort
-from pipelines.extract import ExtractOptions, run_extract
-from schemas import TilingSpec
 
 
 @pytest.mark.slow

@@ -18,11 +18,11 @@ import tifffile
 import torch
 
 from featurestore.encoders import build_teacher
+from featurestore.pipelines.demo import make_cohort
+from featurestore.pipelines.extract import ExtractOptions, PixelSpec, dry_run_counts, extract_slide, run_extract
+from featurestore.schemas import FsError, ModelError, TilingSpec
 from featurestore.slides import open_slide, read_tiles, tile_grid, tissue_mask
 from featurestore.store import Store
-from pipelines.demo import make_cohort
-from pipelines.extract import ExtractOptions, PixelSpec, dry_run_counts, extract_slide, run_extract
-from schemas import FsError, ModelError, TilingSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "test/tiny-cnn"
@@ -70,7 +70,7 @@ def file_store(cohort, weights_file, tmp_path_factory) -> Path:
 def builds(monkeypatch) -> list[str]:
     """Names of the teachers built from here on; this process's teacher and spec caches start empty."""
     import featurestore.encoders
-    import pipelines.extract
+    import featurestore.pipelines.extract
 
     built: list[str] = []
     real = featurestore.encoders.build_teacher
@@ -80,8 +80,8 @@ def builds(monkeypatch) -> list[str]:
         return real(name, **kw)
 
     monkeypatch.setattr(featurestore.encoders, "build_teacher", build)
-    monkeypatch.setattr(pipelines.extract, "_TEACHERS", {})
-    monkeypatch.setattr(pipelines.extract, "_SPECS", {})
+    monkeypatch.setattr(featurestore.pipelines.extract, "_TEACHERS", {})
+    monkeypatch.setattr(featurestore.pipelines.extract, "_SPECS", {})
     return built
 
 
@@ -319,9 +319,9 @@ def test_dry_run_loads_no_model(cohort, monkeypatch):
 CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    import pipelines.extract as ex
+    import featurestore.pipelines.extract as ex
     from featurestore.store import _commit
-    from schemas import TilingSpec
+    from featurestore.schemas import TilingSpec
 
     slides, store, point, after, flag = sys.argv[1:6]
     after = int(after)
@@ -417,7 +417,7 @@ def test_dask_cluster_of_two_workers_equals_single_process(cohort, clean_store, 
 def test_cli_extract_summary_dry_run_and_exit_code(cohort, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from featurestore.cli.main import app
 
     runner = CliRunner()
     store = tmp_path / "s"
@@ -445,7 +445,7 @@ def test_cli_extract_summary_dry_run_and_exit_code(cohort, tmp_path):
 def test_bad_inputs_fail_before_anything_is_created(cohort, tmp_path, args, message):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from featurestore.cli.main import app
 
     (tmp_path / "empty").mkdir()
     store = tmp_path / "store"
@@ -463,7 +463,7 @@ def test_a_plain_extraction_writes_nothing_to_home_and_prints_no_gpu_noise(cohor
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "CUPY_CACHE_DIR"} | {"HOME": str(home),
                                                                               "PYTHONPATH": str(REPO)}
-    child = subprocess.run([sys.executable, "-c", "from cli.main import app; app()", "extract",
+    child = subprocess.run([sys.executable, "-c", "from featurestore.cli.main import app; app()", "extract",
                             str(cohort.root / "slides"), "-s", str(tmp_path / "store"), "-m", TEACHER, "--device",
                             "cpu"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stdout + child.stderr

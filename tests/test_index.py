@@ -22,8 +22,8 @@ from featurestore.index import (
     load_index,
     search,
 )
+from featurestore.schemas import ReadOnlyError, Slide, StoreVersionError
 from featurestore.store import SlideCommit, Store, tiles_table
-from schemas import ReadOnlyError, Slide, StoreVersionError
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 
 KINDS = ["flat", "ivf", "ivf-pq", "hnsw"]

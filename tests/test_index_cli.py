@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cli.search import register
+from featurestore.cli.search import register
 from featurestore.store import Store
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 

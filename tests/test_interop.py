@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from featurestore.index import build_index, search
+from featurestore.pipelines.interop import ImportOptions, InteropError, export_features, import_features
 from featurestore.store import Store
-from pipelines.interop import ImportOptions, InteropError, export_features, import_features
 from tests.conftest import commit_random_slide, make_encoder
 
 h5py = pytest.importorskip("h5py")
@@ -216,7 +216,7 @@ def test_imported_features_are_searchable(tmp_path, files):
 
 def test_slides_folder_gives_real_slide_ids(tmp_path, real_slide):
     pytest.importorskip("featurestore.slides", reason="slide readers not written yet")
-    from pipelines.discover import fingerprint
+    from featurestore.pipelines.discover import fingerprint
 
     slides = tmp_path / "slides"
     slides.mkdir()

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from featurestore.cli.main import app
+from featurestore.schemas import TilingSpec
 from featurestore.store import Store
-from schemas import TilingSpec
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ DIE_AT = textwrap.dedent("""
         return real(*a, **k)
 
     setattr(holder, attr, die)
-    from cli.main import app
+    from featurestore.cli.main import app
     app(args)
 """)
 
@@ -153,7 +153,7 @@ def test_train_run_directory(base, tmp_path):
 def test_export(base, tmp_path):
     out, clean = tmp_path / "out", tmp_path / "clean"
     args = ("export", "-s", str(base[0]), "-m", "uni", "--layout", "trident")
-    killed("pipelines.interop.os.replace", 3, *args[:1], str(out), *args[1:])
+    killed("featurestore.pipelines.interop.os.replace", 3, *args[:1], str(out), *args[1:])
     assert len(list(out.glob("*.h5"))) == 2, "two whole files, no partial third"
     refused = CliRunner().invoke(app, [args[0], str(out), *args[1:]])
     assert refused.exit_code == 2 and "--overwrite" in refused.output

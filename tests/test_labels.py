@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from featurestore.schemas import LabelsError
 from featurestore.store import Store
-from schemas import LabelsError
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 
 

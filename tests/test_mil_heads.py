@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill.mil import HEAD_NAMES, HEADS, HeadConfig, NystromAttention, build_head
-from distill.mil._transmil import PPEG
+from featurestore.distill.mil import HEAD_NAMES, HEADS, HeadConfig, NystromAttention, build_head
+from featurestore.distill.mil._transmil import PPEG
 
 DIM = 12
 
@@ -167,7 +167,7 @@ def test_max_pool_attention_is_the_share_of_features_won():
     (dict(dropout=1.0), r"\[0, 1\)"),
 ])
 def test_bad_head_configs_are_refused(kwargs, match):
-    from distill.errors import ConfigError
+    from featurestore.distill.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
         HeadConfig(**kwargs)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from distill import metrics as M
+from featurestore.distill import metrics as M
 
 
 def test_auroc_counts_ties_as_half():

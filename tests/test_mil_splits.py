@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill.errors import ConfigError
-from distill.splits import assign_folds, column_splits, kfold_splits
+from featurestore.distill.errors import ConfigError
+from featurestore.distill.splits import assign_folds, column_splits, kfold_splits
 
 
 def adversarial_cohort() -> tuple[np.ndarray, np.ndarray]:

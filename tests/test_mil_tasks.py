@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from distill.errors import ConfigError
-from distill.tasks import (
+from featurestore.distill.errors import ConfigError
+from featurestore.distill.tasks import (
     Classification,
     Ordinal,
     Regression,

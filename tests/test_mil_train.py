@@ -22,17 +22,17 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from cli.train import register
-from distill.data import ArrayBags, BagDataset, BagReader, collate_bags, grid_positions
-from distill.errors import ConfigError, RunDirError
-from distill.mil import HeadConfig
-from distill.predict import predict, read_predictions
-from distill.report import cached_thumbnails, cell_size, evaluate_run, heatmap_image
-from distill.runtime import load_checkpoint
-from distill.tasks import TaskSpec
-from distill.train import TrainConfig, cross_validate, fold_metrics, load_cohort, train
+from featurestore.cli.train import register
+from featurestore.distill.data import ArrayBags, BagDataset, BagReader, collate_bags, grid_positions
+from featurestore.distill.errors import ConfigError, RunDirError
+from featurestore.distill.mil import HeadConfig
+from featurestore.distill.predict import predict, read_predictions
+from featurestore.distill.report import cached_thumbnails, cell_size, evaluate_run, heatmap_image
+from featurestore.distill.runtime import load_checkpoint
+from featurestore.distill.tasks import TaskSpec
+from featurestore.distill.train import TrainConfig, cross_validate, fold_metrics, load_cohort, train
+from featurestore.schemas import TilingSpec, UnknownEmbeddingSetError
 from featurestore.store import SlideCommit, Store, tiles_table
-from schemas import TilingSpec, UnknownEmbeddingSetError
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 
 DIM = 16

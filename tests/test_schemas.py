@@ -7,7 +7,7 @@ import dataclasses
 import pyarrow as pa
 import pytest
 
-from schemas import (
+from featurestore.schemas import (
     TABLES,
     Bag,
     EmbeddingSet,
@@ -23,7 +23,7 @@ from schemas import (
     to_row,
     to_table,
 )
-from schemas._record import utcnow
+from featurestore.schemas._record import utcnow
 from tests.conftest import make_encoder, make_slide
 
 EXAMPLES = [

@@ -22,6 +22,8 @@ import tifffile
 from PIL import Image
 
 import featurestore.slides._cucim as cucim_backend
+from featurestore.schemas.errors import MissingMppError, SlideError
+from featurestore.schemas.records import TilingSpec
 from featurestore.slides import (
     SlideGeometry,
     SlideReader,
@@ -33,8 +35,6 @@ from featurestore.slides import (
     tile_grid,
     tissue_mask,
 )
-from schemas.errors import MissingMppError, SlideError
-from schemas.records import TilingSpec
 from tests.conftest import REAL_SLIDE
 
 REPO = Path(__file__).resolve().parents[1]

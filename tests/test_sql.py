@@ -9,9 +9,9 @@ import duckdb
 import numpy as np
 import pytest
 
+from featurestore.schemas import Failure, ReadOnlyError, Run, TilingSpec
+from featurestore.schemas._record import utcnow
 from featurestore.store import Store
-from schemas import Failure, ReadOnlyError, Run, TilingSpec
-from schemas._record import utcnow
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 
 

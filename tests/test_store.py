@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurestore.store import SlideCommit, Store, _arrays
-from featurestore.store import snapshot as snapshot_module
-from schemas import (
+from featurestore.schemas import (
     FORMAT_VERSION,
     InvalidRecordError,
     NotAStoreError,
@@ -25,6 +23,8 @@ from schemas import (
     StoreVersionError,
     TilingSpec,
 )
+from featurestore.store import SlideCommit, Store, _arrays
+from featurestore.store import snapshot as snapshot_module
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ KILLED_WRITER = textwrap.dedent("""
     from pathlib import Path
     from featurestore.store import Store, _commit
     from tests.conftest import commit_random_slide, make_encoder
-    from schemas import TilingSpec
+    from featurestore.schemas import TilingSpec
 
     store = Store.open(sys.argv[1])
     real_rename = os.rename

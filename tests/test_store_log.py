@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from featurestore.schemas import StoreDamageError, StoreVersionError, StoreWriteError
 from featurestore.store import Snapshot, Store, StoreDamageWarning, migrate
 from featurestore.store import _maintenance as maintenance_module
 from featurestore.store import store as store_module
-from schemas import StoreDamageError, StoreVersionError, StoreWriteError
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,7 +253,7 @@ WRITER = textwrap.dedent("""
     import sys
     import time
     from featurestore.store import Store
-    from schemas import TilingSpec
+    from featurestore.schemas import TilingSpec
     from tests.conftest import commit_random_slide, make_encoder
 
     store = Store.open(sys.argv[1])
@@ -296,7 +296,7 @@ def test_four_writers_a_reader_and_a_checkpoint(tmp_path, tiling):
 FULL_DISK_WRITER = textwrap.dedent("""
     import resource, sys
     from featurestore.store import Store
-    from schemas import StoreWriteError, TilingSpec
+    from featurestore.schemas import StoreWriteError, TilingSpec
     from tests.conftest import commit_random_slide, make_encoder
 
     store = Store.open(sys.argv[1])

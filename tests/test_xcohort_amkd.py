@@ -27,11 +27,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cli.xcohort import register
-from distill.errors import ConfigError
-from distill.xcohort import AmkdConfig, amkd, wilcoxon_p
+from featurestore.cli.xcohort import register
+from featurestore.distill.errors import ConfigError
+from featurestore.distill.xcohort import AmkdConfig, amkd, wilcoxon_p
+from featurestore.schemas import TilingSpec
 from featurestore.store import SlideCommit, Store, tiles_table
-from schemas import TilingSpec
 from tests.conftest import make_encoder, make_slide
 
 DIM = 16

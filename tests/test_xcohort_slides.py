@@ -20,10 +20,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cli.xcohort import register
-from distill.errors import ConfigError
-from distill.tasks import TaskSpec
-from distill.xcohort import (
+from featurestore.cli.xcohort import register
+from featurestore.distill.errors import ConfigError
+from featurestore.distill.tasks import TaskSpec
+from featurestore.distill.xcohort import (
     BankSpec,
     SlideDistillConfig,
     calibrate_abstention,
@@ -34,10 +34,10 @@ from distill.xcohort import (
     sweep,
     wilcoxon_p,
 )
+from featurestore.pipelines.demo import make_cohort
+from featurestore.pipelines.extract import ExtractOptions, run_extract
+from featurestore.schemas import PREDICTIONS_SCHEMA, TilingSpec
 from featurestore.store import Store
-from pipelines.demo import make_cohort
-from pipelines.extract import ExtractOptions, run_extract
-from schemas import PREDICTIONS_SCHEMA, TilingSpec
 
 BANK_SQL = ("SELECT e.embedding, l.grade, l.tumour_fraction FROM slide_emb_efficientnet_lite0 e "
             "JOIN labels l USING (slide_id)")

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from distill.errors import ConfigError
-from distill.mil import HeadConfig
-from distill.xcohort import (
+from featurestore.distill.errors import ConfigError
+from featurestore.distill.mil import HeadConfig
+from featurestore.distill.xcohort import (
     OmicsGuidedMIL,
     TeacherBank,
     TripletSampler,

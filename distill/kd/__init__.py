@@ -9,8 +9,8 @@
 - ``distill.kd.evaluate`` / ``distill.kd.report``: cosine to the teacher, probes, cost, the report.
 """
 
-from distill.kd.data import Augment, CachedTiles, SlideBalancedSampler, dihedral
-from distill.kd.objectives import (
+from featurestore.distill.kd.data import Augment, CachedTiles, SlideBalancedSampler, dihedral
+from featurestore.distill.kd.objectives import (
     BASELINES,
     OBJECTIVES,
     Objective,
@@ -19,7 +19,7 @@ from distill.kd.objectives import (
     Targets,
     build_objective,
 )
-from distill.kd.train import DistillConfig, DistillResult, distill
+from featurestore.distill.kd.train import DistillConfig, DistillResult, distill
 
 __all__ = ["BASELINES", "OBJECTIVES", "Augment", "CachedTiles", "DistillConfig", "DistillResult", "Objective",
            "ObjectiveConfig", "SlideBalancedSampler", "StudentOutput", "Targets", "build_objective", "dihedral",

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from featurestore.encoders.views import dihedral
+from featurestore.schemas import EmbeddingSet, TilingSpec
 from featurestore.store import Store
-from schemas import EmbeddingSet, TilingSpec
 
 DIHEDRAL_VIEWS = 8
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])

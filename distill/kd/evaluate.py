@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from distill import metrics as M
+from featurestore.distill import metrics as M
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def teacher_flops(name: str) -> tuple[int | None, int | None, str]:
     """
     from featurestore.encoders import teacher_config
     from featurestore.encoders._registry import load_entrypoint
-    from schemas import FsError
+    from featurestore.schemas import FsError
 
     try:
         cfg = teacher_config(name)

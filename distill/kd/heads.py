@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from distill.errors import ConfigError
+from featurestore.distill.errors import ConfigError
 
 
 class LinearHead(nn.Module):
@@ -80,7 +80,7 @@ def _linear_head(path: Path) -> LinearHead:
 
 
 def _run_dir_head(path: Path) -> SingleTileBags:
-    from distill.runtime import load_checkpoint
+    from featurestore.distill.runtime import load_checkpoint
 
     files = sorted((path / "checkpoints").glob("seed*-fold*.pt"))
     if not files:

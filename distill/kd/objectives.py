@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.errors import ConfigError
+from featurestore.distill.errors import ConfigError
 
 OBJECTIVES = ("feature", "multi-teacher", "xmag", "relational", "logit", "dino", "supervised", "simsiam")
 BASELINES = ("supervised", "simsiam")

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from distill.errors import ConfigError
-from distill.kd.objectives import StudentOutput
+from featurestore.distill.errors import ConfigError
+from featurestore.distill.kd.objectives import StudentOutput
 from featurestore.encoders.student import SIDECAR, WEIGHTS, StudentEncoder
 
 

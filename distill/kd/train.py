@@ -30,10 +30,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from distill.data import ArrayBags, BagReader
-from distill.errors import ConfigError, check_new_run_dir
-from distill.kd import evaluate as E
-from distill.kd.data import (
+from featurestore.distill.data import ArrayBags, BagReader
+from featurestore.distill.errors import ConfigError, check_new_run_dir
+from featurestore.distill.kd import evaluate as E
+from featurestore.distill.kd.data import (
     DIHEDRAL_VIEWS,
     Augment,
     CachedTiles,
@@ -42,8 +42,8 @@ from distill.kd.data import (
     sequential_plan,
     to_student,
 )
-from distill.kd.heads import load_teacher_head
-from distill.kd.objectives import (
+from featurestore.distill.kd.heads import load_teacher_head
+from featurestore.distill.kd.objectives import (
     BASELINES,
     OBJECTIVES,
     Objective,
@@ -52,12 +52,12 @@ from distill.kd.objectives import (
     Targets,
     build_objective,
 )
-from distill.kd.report import write_report
-from distill.kd.students import Student, create_student, export_encoder, save_student
-from distill.tasks import TaskSpec
-from distill.train import TrainConfig, cross_validate, fold_metrics, load_cohort
+from featurestore.distill.kd.report import write_report
+from featurestore.distill.kd.students import Student, create_student, export_encoder, save_student
+from featurestore.distill.tasks import TaskSpec
+from featurestore.distill.train import TrainConfig, cross_validate, fold_metrics, load_cohort
+from featurestore.schemas import EmbeddingSet, TilingSpec
 from featurestore.store import Store
-from schemas import EmbeddingSet, TilingSpec
 
 Progress = Callable[[str], None]
 

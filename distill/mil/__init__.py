@@ -1,9 +1,9 @@
 """MIL heads behind one interface (``MILHead``), built by name from a ``HeadConfig``."""
 
-from distill.mil._clam import ClamSB
-from distill.mil._pooling import ABMIL, MaxPool, MeanPool
-from distill.mil._transmil import NystromAttention, TransMIL
-from distill.mil.base import HEAD_NAMES, HeadConfig, HeadOutput, MILHead, Readout, masked_softmax
+from featurestore.distill.mil._clam import ClamSB
+from featurestore.distill.mil._pooling import ABMIL, MaxPool, MeanPool
+from featurestore.distill.mil._transmil import NystromAttention, TransMIL
+from featurestore.distill.mil.base import HEAD_NAMES, HeadConfig, HeadOutput, MILHead, Readout, masked_softmax
 
 HEADS: dict[str, type[MILHead]] = {"mean": MeanPool, "max": MaxPool, "abmil": ABMIL, "transmil": TransMIL,
                                    "clam-sb": ClamSB}

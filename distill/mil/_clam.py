@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.mil._pooling import ABMIL
-from distill.mil.base import HeadConfig, HeadOutput, Readout, masked_softmax
+from featurestore.distill.mil._pooling import ABMIL
+from featurestore.distill.mil.base import HeadConfig, HeadOutput, Readout, masked_softmax
 
 
 class ClamSB(ABMIL):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distill.mil.base import GatedAttention, HeadConfig, HeadOutput, MILHead, Readout, masked_softmax, projection
+from featurestore.distill.mil.base import (
+    GatedAttention,
+    HeadConfig,
+    HeadOutput,
+    MILHead,
+    Readout,
+    masked_softmax,
+    projection,
+)
 
 
 class _Pooled(MILHead):

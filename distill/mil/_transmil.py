@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.mil.base import HeadConfig, HeadOutput, MILHead, Readout, projection
+from featurestore.distill.mil.base import HeadConfig, HeadOutput, MILHead, Readout, projection
 
 
 def iterative_pinv(x: Tensor, iterations: int = 6) -> Tensor:

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from distill.errors import ConfigError
+from featurestore.distill.errors import ConfigError
 
 HEAD_NAMES = ("mean", "max", "abmil", "transmil", "clam-sb")
 

@@ -8,11 +8,11 @@
 - ``distill.xcohort.abstain``: ensemble averaging and an abstention threshold calibrated to a target accuracy.
 """
 
-from distill.xcohort.abstain import Abstention, calibrate_abstention, ensemble_predictions
-from distill.xcohort.amkd import AmkdConfig, AmkdResult, OmicsGuidedMIL, adaptive_weights, amkd, kd_loss
-from distill.xcohort.bank import TeacherBank, TripletSampler, load_bank
-from distill.xcohort.objectives import ensemble_probabilities, info_nce, soft_target_loss, triplet_loss
-from distill.xcohort.slides import (
+from featurestore.distill.xcohort.abstain import Abstention, calibrate_abstention, ensemble_predictions
+from featurestore.distill.xcohort.amkd import AmkdConfig, AmkdResult, OmicsGuidedMIL, adaptive_weights, amkd, kd_loss
+from featurestore.distill.xcohort.bank import TeacherBank, TripletSampler, load_bank
+from featurestore.distill.xcohort.objectives import ensemble_probabilities, info_nce, soft_target_loss, triplet_loss
+from featurestore.distill.xcohort.slides import (
     OBJECTIVES,
     BankSpec,
     SlideDistillConfig,

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from distill.errors import ConfigError
-from distill.xcohort.objectives import ensemble_probabilities
+from featurestore.distill.errors import ConfigError
+from featurestore.distill.xcohort.objectives import ensemble_probabilities
 
 
 def ensemble_predictions(predictions: pa.Table, temperature: float = 1.0) -> tuple[list[str], np.ndarray, int]:

@@ -30,15 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill import metrics as M
-from distill.data import BagBatch, BagDataset, BagReader
-from distill.errors import ConfigError
-from distill.mil import HeadConfig, build_head
-from distill.mil.base import GatedAttention, HeadOutput, masked_softmax, projection
-from distill.runtime import batches, make_loader, resolve_device
-from distill.splits import Split, kfold_splits
-from distill.tasks import Task, TaskSpec, make_task
-from distill.train import Cohort, load_cohort
+from featurestore.distill import metrics as M
+from featurestore.distill.data import BagBatch, BagDataset, BagReader
+from featurestore.distill.errors import ConfigError
+from featurestore.distill.mil import HeadConfig, build_head
+from featurestore.distill.mil.base import GatedAttention, HeadOutput, masked_softmax, projection
+from featurestore.distill.runtime import batches, make_loader, resolve_device
+from featurestore.distill.splits import Split, kfold_splits
+from featurestore.distill.tasks import Task, TaskSpec, make_task
+from featurestore.distill.train import Cohort, load_cohort
 from featurestore.store import Store
 
 

@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from distill.errors import ConfigError
+from featurestore.distill.errors import ConfigError
 from featurestore.store import Store
 
 

@@ -36,15 +36,15 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
 
-from distill.data import BagDataset, BagReader
-from distill.errors import ConfigError, check_new_run_dir
-from distill.mil import HeadConfig, MILHead, build_head
-from distill.runtime import batches, infer, make_loader, resolve_device
-from distill.splits import Split, kfold_splits
-from distill.tasks import Task, TaskSpec, make_task
-from distill.train import Cohort, load_cohort
-from distill.xcohort.bank import TeacherBank, TripletSampler, load_bank
-from distill.xcohort.objectives import ensemble_probabilities, info_nce, soft_target_loss, triplet_loss
+from featurestore.distill.data import BagDataset, BagReader
+from featurestore.distill.errors import ConfigError, check_new_run_dir
+from featurestore.distill.mil import HeadConfig, MILHead, build_head
+from featurestore.distill.runtime import batches, infer, make_loader, resolve_device
+from featurestore.distill.splits import Split, kfold_splits
+from featurestore.distill.tasks import Task, TaskSpec, make_task
+from featurestore.distill.train import Cohort, load_cohort
+from featurestore.distill.xcohort.bank import TeacherBank, TripletSampler, load_bank
+from featurestore.distill.xcohort.objectives import ensemble_probabilities, info_nce, soft_target_loss, triplet_loss
 from featurestore.store import Store
 
 OBJECTIVES = ("task", "triplet", "clip", "soft")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from featurestore.encoders._teacher import Teacher, preprocess
-    from schemas import EncoderSpec
+    from featurestore.schemas import EncoderSpec
 
 __all__ = ["Teacher", "TeacherConfig", "build_teacher", "list_teachers", "preprocess", "register_teacher",
            "teacher_config", "teacher_spec"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from schemas.errors import ModelError
+from featurestore.schemas.errors import ModelError
 
 Pooling = Literal["cls", "mean", "cls+mean", "pooler"]
 Interpolation = Literal["bilinear", "bicubic"]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from featurestore.encoders._config import TeacherConfig
-from schemas.errors import ModelError
+from featurestore.schemas.errors import ModelError
 
 _CONFIGS: dict[str, TeacherConfig] = {}
 _RESOLVERS = {

@@ -18,8 +18,8 @@ from featurestore.encoders._weights import (
     sha256_file,
     sha256_state_dict,
 )
-from schemas import EncoderSpec
-from schemas.errors import ModelError
+from featurestore.schemas import EncoderSpec
+from featurestore.schemas.errors import ModelError
 
 _AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from featurestore.encoders._config import TeacherConfig
-from schemas.errors import ModelError
+from featurestore.schemas.errors import ModelError
 
 _TORCH_SUFFIXES = (".bin", ".pth", ".pt")
 _WRAPPER_KEYS = ("state_dict", "model")

@@ -30,7 +30,7 @@ from timm.models import VisionTransformer
 from torch import nn
 
 from featurestore.encoders._config import TeacherConfig
-from schemas.errors import ModelError
+from featurestore.schemas.errors import ModelError
 
 _V1_UNUSED = ("visual.attn_pool_caption.", "visual.ln_caption.", "visual.proj_contrast")
 

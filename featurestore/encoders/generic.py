@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from featurestore.encoders._config import TeacherConfig
-from schemas.errors import ModelError
+from featurestore.schemas.errors import ModelError
 
 BUILDER = "featurestore.encoders.generic:timm_backbone"
 FILTER = "featurestore.encoders.generic:drop_classifier"

@@ -13,7 +13,7 @@ import torch
 from timm.models import EfficientNet
 
 from featurestore.encoders._config import TeacherConfig
-from schemas.errors import ModelError
+from featurestore.schemas.errors import ModelError
 
 _HEAD = "_fc."
 

@@ -16,7 +16,7 @@ import torch
 from timm.models import VisionTransformer
 
 from featurestore.encoders._config import TeacherConfig
-from schemas.errors import ModelError
+from featurestore.schemas.errors import ModelError
 
 _TOP = {
     "embeddings.cls_token": "cls_token",

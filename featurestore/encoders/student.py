@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from featurestore.encoders._config import TeacherConfig
 from featurestore.encoders.generic import read_json_config, timm_backbone
-from schemas.errors import ModelError
+from featurestore.schemas.errors import ModelError
 
 SIDECAR = "student.json"
 WEIGHTS = "student.safetensors"

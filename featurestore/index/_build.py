@@ -40,9 +40,9 @@ from featurestore.index._manifest import (
     write_atomic,
     write_manifest,
 )
+from featurestore.schemas import SLIDE_EMBEDDINGS_SCHEMA, EmbeddingSet, ReadOnlyError
+from featurestore.schemas._record import utcnow
 from featurestore.store import Snapshot, Store
-from schemas import SLIDE_EMBEDDINGS_SCHEMA, EmbeddingSet, ReadOnlyError
-from schemas._record import utcnow
 
 POOLED_TABLE = "slide_embeddings"
 POOLED_SCHEMA = SLIDE_EMBEDDINGS_SCHEMA

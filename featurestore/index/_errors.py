@@ -1,6 +1,6 @@
 """Errors of the index package; each is an ``FsError`` so the CLI prints it as one line."""
 
-from schemas import FsError
+from featurestore.schemas import FsError
 
 
 class IndexConfigError(FsError, ValueError):

@@ -23,7 +23,7 @@ from typing import Any
 
 from featurestore.index._errors import StaleIndexError
 from featurestore.index._faiss import IndexParams
-from schemas import StoreVersionError
+from featurestore.schemas import StoreVersionError
 
 INDEXES = "indexes"
 MANIFEST = "manifest.json"

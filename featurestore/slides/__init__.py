@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from featurestore.schemas.errors import SlideError
 from featurestore.slides.base import WHITE, SlideReader, best_level
 from featurestore.slides.tiling import SlideGeometry, TileGrid, qc_overlay, read_tiles, tile_grid
 from featurestore.slides.tissue import TissueMask, otsu_threshold, thumbnail, tissue_mask
-from schemas.errors import SlideError
 
 Backend = Literal["auto", "cucim", "openslide"]
 

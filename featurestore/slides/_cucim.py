@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.schemas.errors import SlideError
 from featurestore.slides.base import WHITE, SlideReader
-from schemas.errors import SlideError
 
 CUFILE_CONFIG = Path(__file__).with_name("cufile_disabled.json")
 """cuFile configuration that forces compatibility mode; see the module docstring."""

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import openslide
 
+from featurestore.schemas.errors import SlideError
 from featurestore.slides.base import WHITE, SlideReader
-from schemas.errors import SlideError
 
 
 def composite(rgba: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import ClassVar, Self
 
 import numpy as np
 
-from schemas.errors import SlideError
+from featurestore.schemas.errors import SlideError
 
 WHITE: tuple[int, int, int] = (255, 255, 255)
 

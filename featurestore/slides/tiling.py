@@ -40,9 +40,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from featurestore.schemas.records import EdgePolicy, TilingSpec
 from featurestore.slides.base import SlideReader, best_level
 from featurestore.slides.tissue import TissueMask, thumbnail
-from schemas.records import EdgePolicy, TilingSpec
 
 
 class Geometry(Protocol):

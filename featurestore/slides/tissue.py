@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from featurestore.schemas.errors import MissingMppError
+from featurestore.schemas.records import TilingSpec
 from featurestore.slides.base import SlideReader
-from schemas.errors import MissingMppError
-from schemas.records import TilingSpec
 
 
 @dataclass(frozen=True, slots=True, eq=False)

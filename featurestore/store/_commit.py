@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from featurestore.schemas import TABLES, StoreWriteError, to_table
+from featurestore.schemas._record import Record
 from featurestore.store import _arrays, _log, _manifest
 from featurestore.store._layout import COMMITS, STAGING, fsync_dir, new_commit_id
-from schemas import TABLES, StoreWriteError, to_table
-from schemas._record import Record
 
 
 def fsync_tree(root: Path) -> None:

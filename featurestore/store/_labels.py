@@ -15,7 +15,7 @@ from pathlib import Path, PurePath
 
 import pyarrow as pa
 
-from schemas import LabelsError
+from featurestore.schemas import LabelsError
 
 KEY_COLUMNS = ("slide_id", "filename", "slide", "wsi", "file", "path")
 """Columns tried, in order, when no key column is named: what real cohort tables call it."""

@@ -25,8 +25,8 @@ import time
 import uuid
 from pathlib import Path
 
-from schemas import FORMAT_VERSION, NotAStoreError, StoreVersionError
-from schemas._record import utcnow
+from featurestore.schemas import FORMAT_VERSION, NotAStoreError, StoreVersionError
+from featurestore.schemas._record import utcnow
 
 MARKER = "featurestore.json"
 FORMAT_NAME = "featurestore"

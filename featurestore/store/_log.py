@@ -17,8 +17,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from featurestore.schemas import StoreDamageError
 from featurestore.store._layout import LOG, fsync_dir, version_name
-from schemas import StoreDamageError
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from featurestore.schemas import FORMAT_VERSION, InvalidRecordError, StoreVersionError
 from featurestore.store import _checkpoint, _log, _manifest
 from featurestore.store._commit import fsync_tree
 from featurestore.store._layout import (
@@ -31,7 +32,6 @@ from featurestore.store._layout import (
     write_marker,
 )
 from featurestore.store._snapshot import CHECKPOINT_FILE, Resolver, latest_checkpoint
-from schemas import FORMAT_VERSION, InvalidRecordError, StoreVersionError
 
 SUPERSEDED = "_superseded.json"
 """Files of a commit that ``vacuum`` removed because newer commits replaced them; verify skips them."""

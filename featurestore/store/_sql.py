@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 from duckdb import sqltypes
 
+from featurestore.schemas import FREE_TABLES, TABLES, EmbeddingSet, ReadOnlyError, arrow_schema
 from featurestore.store._snapshot import State
-from schemas import FREE_TABLES, TABLES, EmbeddingSet, ReadOnlyError, arrow_schema
 
 KEYS: dict[str, tuple[str, ...]] = {
     "slides": ("slide_id",),

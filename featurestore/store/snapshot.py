@@ -22,10 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featurestore.store import _arrays, _manifest, _sql
-from featurestore.store._layout import COMMITS, STAGING
-from featurestore.store._snapshot import State
-from schemas import (
+from featurestore.schemas import (
     EmbeddingSet,
     EncoderSpec,
     Failure,
@@ -36,6 +33,9 @@ from schemas import (
     UnknownEmbeddingSetError,
     from_row,
 )
+from featurestore.store import _arrays, _manifest, _sql
+from featurestore.store._layout import COMMITS, STAGING
+from featurestore.store._snapshot import State
 
 if TYPE_CHECKING:
     import zarr

@@ -17,6 +17,22 @@ from typing import TYPE_CHECKING, Self
 import numpy as np
 import pyarrow as pa
 
+from featurestore.schemas import (
+    Bag,
+    EmbeddingSet,
+    EncoderSpec,
+    Failure,
+    InvalidRecordError,
+    ReadOnlyError,
+    Run,
+    Slide,
+    SlideTiling,
+    StoreExistsError,
+    TilingSpec,
+    stored_schema,
+    tile_id,
+)
+from featurestore.schemas import Tile as TileRecord
 from featurestore.store import _checkpoint, _log, _maintenance, _sql
 from featurestore.store._commit import Transaction
 from featurestore.store._labels import LabelsImport, read_labels
@@ -32,22 +48,6 @@ from featurestore.store._layout import (
 )
 from featurestore.store._snapshot import Resolver
 from featurestore.store.snapshot import Snapshot, StoreInfo
-from schemas import (
-    Bag,
-    EmbeddingSet,
-    EncoderSpec,
-    Failure,
-    InvalidRecordError,
-    ReadOnlyError,
-    Run,
-    Slide,
-    SlideTiling,
-    StoreExistsError,
-    TilingSpec,
-    stored_schema,
-    tile_id,
-)
-from schemas import Tile as TileRecord
 
 if TYPE_CHECKING:
     import zarr
