@@ -88,7 +88,7 @@ class BagReader:
     def xy(self, slide_id: str) -> np.ndarray:
         """``(n, 2)`` level-0 pixel coordinates (x, y) of the tiles' top-left corners, in tile_index order."""
         self._location(slide_id)
-        tiles = self.snapshot.read_tiles(slide_id, self.es.tiling_id, columns=["x", "y"])
+        tiles = self.snapshot.read_tiles(self.es.tiling_id, slide_id, columns=["x", "y"])
         return np.stack([tiles.column("x").to_numpy(), tiles.column("y").to_numpy()], 1)
 
     def _location(self, slide_id: str) -> int:

@@ -30,8 +30,7 @@ import numpy as np
 
 from featurestore.pipelines.discover import find_slides
 from featurestore.pipelines.register import describe_slide
-from featurestore.schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec
-from featurestore.schemas._record import utcnow
+from featurestore.schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec, utcnow
 from featurestore.slides import open_slide, qc_overlay, read_tiles, tile_grid, tissue_mask
 from featurestore.store import SlideCommit, Store, TiledPixels, tiles_table
 
@@ -256,7 +255,7 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
             mask = tissue_mask(reader, opts.tiling, mpp=mpp)
             grid = tile_grid(reader, opts.tiling, mask, mpp=mpp)
             if already_tiled:
-                tiles = store.read_tiles(slide_id, opts.tiling.id)
+                tiles = store.read_tiles(opts.tiling.id, slide_id)
                 grid = grid.with_coordinates(tiles.column("x").to_numpy(), tiles.column("y").to_numpy())
             if len(grid) == 0:
                 raise FsError(f"{path}: no tile has ≥{opts.tiling.min_tissue:.0%} tissue; check the slide, "

@@ -69,8 +69,8 @@ from featurestore.schemas import (
     Run,
     Slide,
     TilingSpec,
+    utcnow,
 )
-from featurestore.schemas._record import utcnow
 from featurestore.store import SlideCommit, Store, tiles_table
 
 Layout = Literal["trident", "clam", "stamp"]
@@ -430,7 +430,7 @@ def _check_plans(store: Store, plans: list[_Plan]) -> list[_Plan]:
         if key in seen:
             raise InteropError(f"{plan.header.path}: same slide and model as {seen[key]}; import one of them")
         seen[key] = plan.header.path
-        where = (plan.slide.slide_id, plan.tiling.id)
+        where = (plan.tiling.id, plan.slide.slide_id)
         if plan.tiling.id not in tiled:
             tiled[plan.tiling.id] = set(store.sql(f"SELECT slide_id FROM slide_tilings WHERE tiling_id = "
                                                   f"'{plan.tiling.id}'").column("slide_id").to_pylist())

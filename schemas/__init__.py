@@ -1,5 +1,6 @@
 """The data model every other package speaks: typed records, their Arrow schemas, and errors."""
 
+from featurestore.schemas._record import utcnow
 from featurestore.schemas.errors import (
     FsError,
     InvalidRecordError,
@@ -49,5 +50,5 @@ __all__ = [
     "InvalidRecordError", "LabelsError", "MissingMppError", "ModelError", "NotAStoreError",
     "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "StoreDamageError", "StoreExistsError",
     "StoreVersionError", "StoreWriteError", "Tile", "TilingSpec", "UnknownEmbeddingSetError", "arrow_schema",
-    "from_row", "stored_schema", "tile_id", "to_row", "to_table",
+    "from_row", "stored_schema", "tile_id", "to_row", "to_table", "utcnow",
 ]

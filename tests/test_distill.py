@@ -151,7 +151,7 @@ def test_xmag_children_are_the_teacher_tiles_inside_each_coarse_tile(store_path)
     es = store.embedding_set(TEACHER)
     slide = store.slides()[0]
     data = CachedTiles(store, [es], low, [slide.slide_id], {}, input_size=32)
-    fine, coarse = store.read_tiles(slide.slide_id, TILING.id), store.read_tiles(slide.slide_id, low.id)
+    fine, coarse = store.read_tiles(TILING.id, slide.slide_id), store.read_tiles(low.id, slide.slide_id)
     fx, fy = fine.column("x").to_numpy(), fine.column("y").to_numpy()
     footprint = 224  # level-0 px of a teacher tile on a 0.5 µm/px slide
     assert data.k == 4

@@ -124,7 +124,7 @@ def test_pipeline_embeddings_equal_a_direct_model_call(clean_store):
     teacher = build_teacher(TEACHER, device="cpu")
     es = clean_store.embedding_set(TEACHER)
     slide = clean_store.slides()[0]
-    tiles = clean_store.read_tiles(slide.slide_id, TILING.id)
+    tiles = clean_store.read_tiles(TILING.id, slide.slide_id)
     with open_slide(slide.path) as reader:
         grid = tile_grid(reader, TILING, tissue_mask(reader, TILING, mpp=slide.mpp_x), mpp=slide.mpp_x)
         grid = grid.with_coordinates(tiles.column("x").to_numpy(), tiles.column("y").to_numpy())
@@ -191,7 +191,7 @@ def test_cache_pixels_on_a_finished_store_adds_only_the_pixels(cohort, file_stor
     assert [x.status for x in report.outcomes] == ["done"] * 3 and builds == [], "pixels only, no teacher"
     store = Store.open(path)
     for slide_id, bag in bags.items():
-        tiles = store.read_tiles(slide_id, TILING.id)
+        tiles = store.read_tiles(TILING.id, slide_id)
         assert store.read_pixels(TILING.id, slide_id).shape == (tiles.num_rows, 224, 224, 3)
         assert np.array_equal(store.read_bag(es, slide_id), bag), "embeddings untouched"
     assert len(store.tilings()) == 2 and store.info().tilings[1][4] == 3, "the coarser tiling has pixels too"
@@ -212,7 +212,7 @@ def test_teacher_views_cache_dihedral_embeddings(cohort, clean_store, tmp_path):
     single = clean_store.read_bag(clean_store.embedding_set(TEACHER), slide.slide_id)
     assert bag.shape == (single.shape[0], 2, single.shape[1])
     assert np.array_equal(bag[:, 0], single), "view 0 is the tile itself"
-    tiles = store.read_tiles(slide.slide_id, TILING.id)
+    tiles = store.read_tiles(TILING.id, slide.slide_id)
     with open_slide(slide.path) as reader:
         grid = tile_grid(reader, TILING, tissue_mask(reader, TILING, mpp=slide.mpp_x), mpp=slide.mpp_x)
         grid = grid.with_coordinates(tiles.column("x").to_numpy(), tiles.column("y").to_numpy())
@@ -239,8 +239,8 @@ def test_cached_pixels_at_two_magnifications_pair_exactly(cohort, tmp_path):
     store = Store.open(tmp_path / "s")
     low = next(t for t in store.tilings() if t.target_mpp == 2.0)
     slide = store.slides()[0]
-    hi_tiles = store.read_tiles(slide.slide_id, TILING.id)
-    lo_tiles = store.read_tiles(slide.slide_id, low.id)
+    hi_tiles = store.read_tiles(TILING.id, slide.slide_id)
+    lo_tiles = store.read_tiles(low.id, slide.slide_id)
     assert store.read_pixels(TILING.id, slide.slide_id).shape == (hi_tiles.num_rows, 224, 224, 3)
     assert store.read_pixels(low.id, slide.slide_id).shape == (lo_tiles.num_rows, 224, 224, 3)
     footprint = 224  # level-0 px of one teacher tile: 224 px at 0.5 µm/px on a 0.5 µm/px slide

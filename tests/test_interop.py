@@ -201,7 +201,7 @@ def test_export_of_extracted_features_reimports_identically(tmp_path, tiling):
         for slide in back.slides():
             name = Path(slide.path).stem
             assert np.array_equal(back.read_bag(es, slide.slide_id), written[name])
-            tiles = back.read_tiles(slide.slide_id, es.tiling_id)
+            tiles = back.read_tiles(es.tiling_id, slide.slide_id)
             assert np.array_equal(np.stack([tiles.column("x").to_numpy(), tiles.column("y").to_numpy()], 1),
                                   positions)
 

@@ -300,7 +300,7 @@ def test_bag_reading(cohort):
         np.testing.assert_array_equal(reader.features(sid, np.array([0, 5, 7])), expected[[0, 5, 7]])
         np.testing.assert_array_equal(reader.features(sid), expected)
     reader = BagReader(store, es)
-    tiles = store.read_tiles(sid, es.tiling_id)
+    tiles = store.read_tiles(es.tiling_id, sid)
     np.testing.assert_array_equal(reader.xy(sid)[:, 0], tiles.column("x").to_numpy())
     grid = grid_positions(reader.xy(sid))
     assert grid.min() == 0 and grid.max() <= 11

@@ -22,8 +22,8 @@ from featurestore.schemas import (
     tile_id,
     to_row,
     to_table,
+    utcnow,
 )
-from featurestore.schemas._record import utcnow
 from tests.conftest import make_encoder, make_slide
 
 EXAMPLES = [

@@ -9,8 +9,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from featurestore.schemas import Failure, ReadOnlyError, Run, TilingSpec
-from featurestore.schemas._record import utcnow
+from featurestore.schemas import Failure, ReadOnlyError, Run, TilingSpec, utcnow
 from featurestore.store import Store
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 

@@ -77,7 +77,7 @@ def test_tiles_pixels_and_several_encoders_in_one_commit(tmp_path, tiling):
     encs = [make_encoder("a", 8), make_encoder("b", 12)]
     commit_random_slide(store, 1, tiling, encs, 40, pixels=True)
     sid = make_slide(1).slide_id
-    tiles = store.read_tiles(sid, tiling.id)
+    tiles = store.read_tiles(tiling.id, sid)
     assert tiles.column("tile_index").to_pylist() == list(range(40))
     assert {es.encoder_name for es in store.embedding_sets()} == {"a", "b"}
     assert store.read_pixels(tiling.id, sid).shape == (40, 8, 8, 3)

@@ -232,7 +232,7 @@ class CachedTiles:
         self._budget = cache_bytes
 
     def _xy(self, slide_id: str, tiling_id: str) -> np.ndarray:
-        tiles = self.store.read_tiles(slide_id, tiling_id)
+        tiles = self.store.read_tiles(tiling_id, slide_id)
         return np.stack([tiles.column("x").to_numpy(), tiles.column("y").to_numpy()], 1)
 
     def slide_bytes(self, i: int) -> int:

@@ -40,8 +40,7 @@ from featurestore.index._manifest import (
     write_atomic,
     write_manifest,
 )
-from featurestore.schemas import SLIDE_EMBEDDINGS_SCHEMA, EmbeddingSet, ReadOnlyError
-from featurestore.schemas._record import utcnow
+from featurestore.schemas import SLIDE_EMBEDDINGS_SCHEMA, EmbeddingSet, ReadOnlyError, utcnow
 from featurestore.store import Snapshot, Store
 
 POOLED_TABLE = "slide_embeddings"
@@ -124,7 +123,7 @@ def _fill(snap: Snapshot, es: EmbeddingSet, index: faiss.Index, wanted: set[str]
     pooled = []
     for slide_id in sorted(wanted):
         vectors = normalize(first_view(snap.read_bag(es, slide_id)))
-        ids = snap.read_tiles(slide_id, es.tiling_id, columns=["tile_id"]).column("tile_id").to_numpy()
+        ids = snap.read_tiles(es.tiling_id, slide_id, columns=["tile_id"]).column("tile_id").to_numpy()
         index.add_with_ids(vectors, ids)
         pooled.append((slide_id, _pool(vectors), len(vectors)))
         if progress:

@@ -25,8 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from featurestore.schemas import FORMAT_VERSION, NotAStoreError, StoreVersionError
-from featurestore.schemas._record import utcnow
+from featurestore.schemas import FORMAT_VERSION, NotAStoreError, StoreVersionError, utcnow
 
 MARKER = "featurestore.json"
 FORMAT_NAME = "featurestore"

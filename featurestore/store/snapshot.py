@@ -241,7 +241,7 @@ class Snapshot:
             raise KeyError(f"{self.root}: slide {slide_id} has no tiles for tiling {tiling_id}")
         return found
 
-    def read_tiles(self, slide_id: str, tiling_id: str, columns: list[str] | None = None) -> pa.Table:
+    def read_tiles(self, tiling_id: str, slide_id: str, columns: list[str] | None = None) -> pa.Table:
         """One slide's tiles in tile_index order, read from the one Parquet file that holds them."""
         commit = self._tiled(slide_id, tiling_id)[0]
         directory = self._checked(commit, "tiles.parquet", slide_id, "the tile table")
@@ -299,7 +299,7 @@ class Snapshot:
     def iter_bags(self, es: EmbeddingSet) -> Iterator[tuple[str, pa.Table, np.ndarray]]:
         """Stream (slide_id, tiles, embeddings) for a whole embedding set, one slide in memory at a time."""
         for slide_id in self.bag_commits(es):
-            yield slide_id, self.read_tiles(slide_id, es.tiling_id), self.read_bag(es, slide_id)
+            yield slide_id, self.read_tiles(es.tiling_id, slide_id), self.read_bag(es, slide_id)
 
     # --- embedding views ---------------------------------------------------------------------
 

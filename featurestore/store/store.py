@@ -220,8 +220,8 @@ class Store:
     def progress(self, tiling_id: str) -> dict[str, frozenset[str]]:
         return self.snapshot().progress(tiling_id)
 
-    def read_tiles(self, slide_id: str, tiling_id: str) -> pa.Table:
-        return self.snapshot().read_tiles(slide_id, tiling_id)
+    def read_tiles(self, tiling_id: str, slide_id: str) -> pa.Table:
+        return self.snapshot().read_tiles(tiling_id, slide_id)
 
     def read_bag(self, es: EmbeddingSet, slide_id: str) -> np.ndarray:
         return self.snapshot().read_bag(es, slide_id)
