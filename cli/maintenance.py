@@ -54,12 +54,16 @@ def vacuum(store: StoreOpt,
            retention_hours: Annotated[float, typer.Option(help="Keep anything younger than this: a reader "
                                                           "or writer may still use it.")] = 168.0) -> None:
     """Delete staging leftovers, unpublished commits, replaced arrays, old checkpoints and orphaned index files."""
+    from featurestore.index import vacuum as vacuum_indexes
+
     if retention_hours < 0:
         raise typer.BadParameter("--retention-hours must be ≥ 0")
-    r = Store.open(store).vacuum(retention_hours * 3600)
+    s = Store.open(store)
+    r = s.vacuum(retention_hours * 3600)
+    ix = vacuum_indexes(s, retention_hours * 3600)
     console.print(f"removed {r.staging} staging dirs, {r.unpublished_commits} unpublished commits, "
                   f"{r.superseded_arrays} replaced arrays, {r.checkpoints} old checkpoints, {r.parts} table "
-                  f"parts, {r.index_files} index files: {r.bytes_freed / 2**20:.1f} MiB freed")
+                  f"parts, {ix.files} index files: {(r.bytes_freed + ix.bytes_freed) / 2**20:.1f} MiB freed")
 
 
 @friendly

@@ -24,6 +24,7 @@ from featurestore.cli._common import (
     new_output,
     print_table,
 )
+from featurestore.index import EXACT_BELOW, KINDS, default_kind
 from featurestore.store import Store
 
 index_app = typer.Typer(help="FAISS indexes of embedding sets, searched by fs search.", no_args_is_help=True)
@@ -32,11 +33,7 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedding set: enc
                                                                "id.")]
 
 
-class Kind(StrEnum):
-    flat = "flat"
-    ivf = "ivf"
-    ivf_pq = "ivf-pq"
-    hnsw = "hnsw"
+Kind = StrEnum("Kind", [(kind.replace("-", "_"), kind) for kind in KINDS])
 
 
 class GroupBy(StrEnum):
@@ -72,8 +69,9 @@ def register(app: typer.Typer) -> None:
 def index_build(
     store: StoreOpt,
     model: ModelOpt,
-    kind: Annotated[Kind | None, typer.Option(help="Index kind; default by size: flat (exact) below 100k "
-                                                   "vectors, ivf above.")] = None,
+    kind: Annotated[Kind | None, typer.Option(help=f"Index kind; default by size: {default_kind(0)} (exact) below "
+                                                   f"{EXACT_BELOW:,} vectors, {default_kind(EXACT_BELOW)} above.")]
+    = None,
     gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="Build on a GPU (default: when FAISS has "
                                                                  "one) or on the CPU.")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Build afresh instead of adding new slides.")]
@@ -165,7 +163,13 @@ def search_cmd(
     new_output(output, overwrite)
     new_output(save, overwrite)
     s = Store.open(store, read_only=True)
-    vector = None if image is None else embed_image(s, model, image, weights=weights, device=device)
+    vector = None
+    if image is not None:
+        from featurestore.encoders import build_teacher
+        from featurestore.pipelines.extract import resolve_device
+
+        teacher = build_teacher(s.embedding_set(model).encoder_name, weights=weights, device=resolve_device(device))
+        vector = embed_image(s, model, image, teacher)
     results = search(s, model, tile_id=tile, slide_id=slide, vector=vector, query_sql=query, k=k, where=where,
                      group_by=group_by.value if group_by else None)
     print_table(results, fmt, output, title=f"{model}: top {k}")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 import faiss
 import numpy as np
 import pytest
 
 from featurestore.index import (
+    KINDS,
     IndexConfigError,
     IndexMissingError,
     QueryError,
@@ -18,15 +21,15 @@ from featurestore.index import (
     build_index,
     contact_sheet,
     default_params,
+    embed_image,
     index_status,
     load_index,
     search,
+    vacuum,
 )
 from featurestore.schemas import ReadOnlyError, Slide, StoreVersionError
 from featurestore.store import SlideCommit, Store, tiles_table
 from tests.conftest import commit_random_slide, make_encoder, make_slide
-
-KINDS = ["flat", "ivf", "ivf-pq", "hnsw"]
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
@@ -335,16 +338,12 @@ def test_contact_sheet_reads_the_slide_when_no_pixels_are_cached(tmp_path, tilin
 
 
 def test_image_query_runs_the_sets_teacher(tmp_path, tiling):
-    encoders = pytest.importorskip("featurestore.encoders", reason="the teacher registry is not written yet")
-    torch = pytest.importorskip("torch")
+    import torch
     from PIL import Image
 
-    from featurestore.index import embed_image
+    from featurestore.encoders import build_teacher
 
-    try:
-        teacher = encoders.build_teacher("test/tiny-cnn", weights=None, device="cpu")
-    except Exception as err:  # noqa: BLE001 - any failure to build the test teacher means "not available here".
-        pytest.skip(f"test teacher test/tiny-cnn unavailable: {err}")
+    teacher = build_teacher("test/tiny-cnn", device="cpu")
     store = Store.create(tmp_path / "s")
     size = tiling.tile_size
     pixels = np.random.default_rng(0).integers(0, 255, (6, size, size, 3), dtype=np.uint8)
@@ -355,9 +354,11 @@ def test_image_query_runs_the_sets_teacher(tmp_path, tiling):
     store.commit_slide(SlideCommit(slide, tiling, tiles, {teacher.spec: emb}, dtype="float32"))
     build_index(store, teacher.spec.name)
     Image.fromarray(pixels[4]).save(tmp_path / "q.png")
-    vector = embed_image(store, teacher.spec.name, tmp_path / "q.png", device="cpu")
+    vector = embed_image(store, teacher.spec.name, tmp_path / "q.png", teacher)
     hit = search(store, teacher.spec.name, vector=vector, k=1)
     assert hit.column("tile_index").to_pylist() == [4]
+    with pytest.raises(QueryError, match=f"made by {teacher.spec.id}"):
+        embed_image(store, teacher.spec.name, tmp_path / "q.png", build_teacher("test/tiny-vit", device="cpu"))
 
 
 def test_faiss_ids_are_tile_ids(store):
@@ -367,3 +368,35 @@ def test_faiss_ids_are_tile_ids(store):
     stored = np.concatenate([faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
                              for i in range(ivf.nlist)])
     assert sorted(stored.tolist()) == sorted(store.sql("SELECT tile_id FROM tiles").column(0).to_pylist())
+
+
+def _age(path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_vacuum_removes_old_index_files_no_manifest_names(store, tiling):
+    build_index(store, "uni")
+    directory = next((store.root / "indexes").iterdir())
+    live = directory / json.loads((directory / "manifest.json").read_text())["index_file"]
+    old, young = directory / "00000000000000000001-dead.faiss", directory / "00000000000000000002-dead.faiss"
+    old.write_bytes(b"x" * 1000)
+    young.write_bytes(b"y" * 10)
+    for path in (old, live):
+        _age(path, 7200)
+    unreadable = store.root / "indexes" / "other-set"
+    unreadable.mkdir()
+    (unreadable / "manifest.json").write_text("{")
+    stray = unreadable / "stray.faiss"
+    stray.write_bytes(b"z")
+    _age(stray, 7200)
+
+    report = vacuum(store, 3600)
+    assert (report.files, report.bytes_freed) == (1, 1000)
+    assert not old.exists() and young.exists() and live.exists() and stray.exists(), \
+        "young files, the named file and directories without a readable manifest are kept"
+    assert vacuum(store, 0).files == 1 and not young.exists()
+    tile = some_tile(store)
+    assert search(store, "uni", tile_id=tile, k=1).column("tile_id").to_pylist() == [tile]
+    with pytest.raises(ReadOnlyError):
+        vacuum(Store.open(store.root, read_only=True), 0)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from featurestore.cli.search import register
+from featurestore.cli.search import Kind, register
+from featurestore.index import KINDS
 from featurestore.store import Store
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 
@@ -85,6 +88,29 @@ def test_bad_arguments(store_path):
     wrong = run("index", "build", "-m", "uni", "--kind", "flat", "--nlist", 8, "-s", store_path)
     assert wrong.exit_code == 2 and "--nlist applies to ivf" in wrong.output.replace("\n", " ")
     assert run("index", "build", "-m", "uni", "--kind", "annoy", "-s", store_path).exit_code == 2
+
+
+def test_vacuum_reports_orphaned_index_files_in_the_stores_summary(store_path):
+    from featurestore.cli.maintenance import register as register_maintenance
+
+    with_vacuum = typer.Typer()
+    register(with_vacuum)
+    register_maintenance(with_vacuum)
+    assert run("index", "build", "-m", "uni", "-s", store_path).exit_code == 0
+    orphan = next((store_path / "indexes").iterdir()) / "00000000000000000001-dead.faiss"
+    orphan.write_bytes(bytes(3 * 2**20))
+    then = time.time() - 7200
+    os.utime(orphan, (then, then))
+    result = runner.invoke(with_vacuum, ["vacuum", "-s", str(store_path), "--retention-hours", "1"])
+    assert result.exit_code == 0, result.output
+    assert "0 table parts, 1 index files: 3.0 MiB freed" in result.output.replace("\n", " ")
+    assert not orphan.exists()
+
+
+def test_kind_choices_are_the_registrys(store_path):
+    assert [k.value for k in Kind] == list(KINDS)
+    built = run("index", "build", "-m", "uni", "--kind", KINDS[-1], "-s", store_path)
+    assert f"uni index ({KINDS[-1]}" in built.output
 
 
 def test_import_and_export(tmp_path):

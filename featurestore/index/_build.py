@@ -27,6 +27,7 @@ from featurestore.index._errors import (
     StaleIndexError,
 )
 from featurestore.index._faiss import TRAIN_POINTS_PER_LIST, IndexParams, default_params, normalize
+from featurestore.index._kinds import EXACT_BELOW
 from featurestore.index._manifest import (
     MANIFEST,
     BagVersion,
@@ -165,7 +166,7 @@ def build_index(store: Store, model: str, *, kind: str | None = None, gpu: bool 
                 **overrides: int | None) -> BuildReport:
     """Build the index of an embedding set, or bring it up to date.
 
-    ``kind`` (flat, ivf, ivf-pq, hnsw) and ``overrides`` (nlist, nprobe, pq_m, pq_bits, rerank,
+    ``kind`` (one of ``featurestore.index.KINDS``) and ``overrides`` (nlist, nprobe, pq_m, pq_bits, rerank,
     hnsw_m, ef_construction, ef_search) default by size (see ``IndexParams``) and are remembered,
     so later builds keep them. ``gpu``: None uses a GPU when FAISS has one, True requires it.
     Only new slides are added to an existing index; a re-written slide, a changed layout or
@@ -254,7 +255,7 @@ def _check_trainable(params: IndexParams, n: int) -> None:
 def _advice(m: Manifest) -> tuple[str, ...]:
     """Hints when an index kept by incremental adds no longer fits the set's size."""
     notes = []
-    if m.request.kind is None and m.params.kind == "flat" and m.n_vectors >= _faiss.EXACT_BELOW:
+    if m.request.kind is None and m.params.kind == "flat" and m.n_vectors >= EXACT_BELOW:
         notes.append(f"the set now has {m.n_vectors} vectors, where the default is an IVF index; "
                      "`fs index build --rebuild` switches (flat stays exact but scans everything)")
     if m.params.nlist is not None:

@@ -11,18 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import faiss
 import numpy as np
 
 from featurestore.index._errors import IndexBuildError, IndexConfigError
-
-IndexKind = Literal["flat", "ivf", "ivf-pq", "hnsw"]
-KINDS: tuple[str, ...] = get_args(IndexKind)
-
-EXACT_BELOW = 100_000
-"""Default kind: exact (flat) below this many vectors, where a full scan costs milliseconds; IVF above."""
+from featurestore.index._kinds import KINDS, IndexKind, default_kind
 
 MIN_POINTS_PER_CENTROID = 39
 """FAISS warns when k-means gets fewer training points per centroid; nlist and PQ bits stay under it."""
@@ -114,7 +109,7 @@ def default_params(n: int, dim: int, kind: str | None = None, **overrides: int |
     if unknown:
         raise IndexConfigError(f"unknown index parameter(s) {sorted(unknown)}; valid: {sorted(_USES)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    kind = kind or ("flat" if n < EXACT_BELOW else "ivf")
+    kind = kind or default_kind(n)
     values: dict[str, int] = {}
     if kind in ("ivf", "ivf-pq"):
         nlist = given.get("nlist") or max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))

@@ -8,6 +8,7 @@ asked, so a filtered search ranks exactly the tiles the predicate selects.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import duckdb
 import numpy as np
@@ -15,7 +16,11 @@ import pyarrow as pa
 
 from featurestore.index._build import TileIndex, first_view, load_index, quote
 from featurestore.index._errors import QueryError
+from featurestore.schemas import EncoderSpec
 from featurestore.store import Snapshot, Store
+
+if TYPE_CHECKING:
+    import torch
 
 TILE_COLUMNS = ("rank", "score", "slide_id", "tile_id", "tile_index", "x", "y")
 SLIDE_COLUMNS = ("rank", "score", "slide_id", "n_tiles")
@@ -157,34 +162,35 @@ def _with_labels(store: Snapshot, table: pa.Table) -> pa.Table:
     return table.join(labels, "slide_id", join_type="left outer").sort_by("rank")
 
 
-def embed_image(store: Store, model: str, image: str | Path | np.ndarray, *, weights: str | None = None,
-                device: str = "auto") -> np.ndarray:
+class ImageEncoder(Protocol):
+    """What ``embed_image`` runs: a built teacher (``featurestore.encoders.build_teacher``), uint8 RGB tiles
+    ``(n, h, w, 3)`` in, ``(n, dim)`` vectors out, with the spec of the encoder it is."""
+
+    spec: EncoderSpec
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
+def embed_image(store: Store | Snapshot, model: str, image: str | Path | np.ndarray,
+                teacher: ImageEncoder) -> np.ndarray:
     """The vector of an image tile, computed by the set's own teacher (same weights, same preprocessing).
 
     The image is taken to be at the set's tiling resolution and resized to its tile size, as
-    extraction feeds tiles to the teacher. The teacher built here must have the same encoder id
-    as the set's, so a different checkpoint is refused rather than silently compared.
+    extraction feeds tiles to the teacher. ``teacher`` must have the encoder id of the set's
+    encoder, so a different checkpoint is refused rather than silently compared.
     """
     es = store.embedding_set(model)
     encoder = next(e for e in store.encoders() if e.id == es.encoder_id)
+    if teacher.spec.id != encoder.id:
+        raise QueryError(f"teacher {teacher.spec.name} is encoder {teacher.spec.id}, but {es.encoder_name} vectors "
+                         f"were made by {encoder.id} (weights sha256 {encoder.weights_sha256[:12]}…); build the "
+                         "teacher with the extraction's checkpoint (--weights)")
     tiling = next(t for t in store.tilings() if t.id == es.tiling_id)
     pixels = image if isinstance(image, np.ndarray) else read_image(Path(image), tiling.tile_size)
-    try:
-        import torch
+    import torch
 
-        from featurestore.encoders import build_teacher
-    except ImportError as err:
-        raise QueryError(f"--image needs the teacher registry (featurestore.encoders), which is not "
-                         f"installed: {err}; search by --tile or --query instead") from err
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = build_teacher(encoder.name, weights=weights, device=device)
-    if teacher.spec.id != encoder.id:
-        raise QueryError(f"{weights or 'the default weights'} of {encoder.name} give encoder "
-                         f"{teacher.spec.id}, but this set was made by {encoder.id} (weights sha256 "
-                         f"{encoder.weights_sha256[:12]}…); pass --weights with the extraction's checkpoint")
     with torch.inference_mode():
-        out = teacher(torch.from_numpy(np.ascontiguousarray(pixels[None])).to(device))
+        out = teacher(torch.from_numpy(np.ascontiguousarray(pixels[None])))
     return out.float().cpu().numpy()[0]
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,7 +126,6 @@ class VacuumReport:
     superseded_arrays: int
     checkpoints: int
     parts: int
-    index_files: int
     bytes_freed: int
 
 
@@ -163,9 +162,8 @@ def vacuum(root: Path, resolver: Resolver, older_than_s: float) -> VacuumReport:
 
     Removed: staging directories (writers or checkpoints that died), commit directories no log
     entry names (a writer died between rename and log), bag and pixel arrays replaced by a commit
-    published before the cutoff, checkpoints older than the newest one, table parts no kept
-    checkpoint names, and FAISS files no index manifest names. A snapshot pinned within the
-    retention period never needs any of these.
+    published before the cutoff, checkpoints older than the newest one, and table parts no kept
+    checkpoint names. A snapshot pinned within the retention period never needs any of these.
     """
     cutoff = time.time() - older_than_s
     state = resolver.resolve(use_checkpoint=False)
@@ -176,8 +174,7 @@ def vacuum(root: Path, resolver: Resolver, older_than_s: float) -> VacuumReport:
     arrays = _remove_replaced_arrays(root, [e for e in every if e.commit_id and e.commit_id not in state.dropped],
                                      cutoff)
     checkpoints, parts = _remove_old_checkpoints(root, cutoff)
-    index_files = _remove_all(_orphaned_index_files(root, cutoff))
-    counts = (staging, unpublished, arrays, checkpoints, parts, index_files)
+    counts = (staging, unpublished, arrays, checkpoints, parts)
     return VacuumReport(*(n for n, _ in counts), sum(freed for _, freed in counts))
 
 
@@ -223,16 +220,6 @@ def _remove_old_checkpoints(root: Path, cutoff: float) -> tuple[Removed, Removed
     parts = (p for p in ((root / PARTS).iterdir() if (root / PARTS).is_dir() else ())
              if f"{PARTS}/{p.name}" not in keep and _old(p, cutoff))
     return _remove_all(old), _remove_all(parts)
-
-
-def _orphaned_index_files(root: Path, cutoff: float) -> Iterator[Path]:
-    """FAISS files their index's manifest does not name (a build replaced them, or died before naming)."""
-    for directory in (root / "indexes").iterdir() if (root / "indexes").is_dir() else ():
-        try:
-            named = json.loads((directory / "manifest.json").read_bytes()).get("index_file")
-        except (OSError, ValueError, AttributeError):
-            continue
-        yield from (f for f in directory.glob("*.faiss") if f.name != named and _old(f, cutoff))
 
 
 def _checkpoint_parts(directory: Path) -> set[str]:
