@@ -1,4 +1,9 @@
-"""Shared fixtures: the real slide, and stores filled through the real write path."""
+"""Shared fixtures (the real slide, stores filled through the real write path) and the test tiers.
+
+Tiers are markers, registered here: ``slow`` tests run only with ``--slow`` (``pytest --slow -m slow``
+runs that tier alone); ``gpu`` tests skip, saying why, where ``torch.cuda.is_available()`` is false.
+tests/README.md lists what each tier covers.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,33 @@ from featurestore.schemas import EncoderSpec, Slide, TilingSpec
 from featurestore.store import SlideCommit, Store, tiles_table
 
 REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="also run the slow tier: research comparisons over "
+                     "seeds, subprocess kills, Dask clusters (tests marked slow)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long-running (research comparisons over seeds, subprocess kills, "
+                            "Dask clusters); skipped unless pytest is given --slow")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped where torch.cuda.is_available() is false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--slow"):
+        skip_slow = pytest.mark.skip(reason="slow tier: run it with pytest --slow")
+        for item in items:
+            if item.get_closest_marker("slow"):
+                item.add_marker(skip_slow)
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            skip_gpu = pytest.mark.skip(reason="gpu tier: torch.cuda.is_available() is false on this machine")
+            for item in gpu:
+                item.add_marker(skip_gpu)
 
 
 @pytest.fixture(scope="session")

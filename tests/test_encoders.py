@@ -477,8 +477,7 @@ def checkpoint_of(kind: str, folder: Path) -> tuple[str, Path | None]:
     return kind, None
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kind", SPEC_KINDS)
 def test_teacher_spec_is_the_built_teachers_spec_without_building_it(kind, device, tmp_path, monkeypatch):
     name, weights = checkpoint_of(kind, tmp_path)
@@ -498,7 +497,6 @@ def test_teacher_spec_of_seeded_or_missing_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_float32_teacher_ignores_the_callers_autocast_on_gpu():
     cpu, gpu = build_teacher("test/tiny-vit"), build_teacher("test/tiny-vit", device="cuda")
     pixels = torch.randint(0, 256, (4, 48, 48, 3), dtype=torch.uint8)
