@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from featurestore.cli._common import OutputFormat, OverwriteOpt, StoreOpt, console, friendly, new_output, print_table
+from featurestore.cli._options import Device
 from featurestore.store import Store
 
 app = typer.Typer(help="Cached-feature store for computational pathology: extract once, distil many times.",
@@ -41,13 +42,13 @@ def info(store: StoreOpt) -> None:
         console.print(f"[red]damaged[/red]: {damage}; run `fs verify -s {s.path}`", highlight=False)
     if s.tilings:
         view = Table("tiling", "tile", "slides", "tiles", "pixels cached", title="tilings")
-        for tiling_id, desc, n_slides, n_tiles, with_pixels in s.tilings:
-            view.add_row(tiling_id, desc, str(n_slides), str(n_tiles), f"{with_pixels} slides")
+        for t in s.tilings:
+            view.add_row(t.tiling_id, t.description, str(t.slides), str(t.tiles), f"{t.slides_with_pixels} slides")
         console.print(view)
     if s.embedding_sets:
         view = Table("SQL view", "encoder", "slides", "tiles", title="embedding sets")
-        for name, desc, n_slides, n_tiles in s.embedding_sets:
-            view.add_row(name, desc, str(n_slides), str(n_tiles))
+        for e in s.embedding_sets:
+            view.add_row(e.view, e.description, str(e.slides), str(e.tiles))
         console.print(view)
 
 
@@ -159,7 +160,7 @@ def extract(
     = Tissue.otsu,
     edge: Annotated[Edge, typer.Option(help="Edge tiles: pad with white, or drop.")] = Edge.pad,
     reader: Annotated[Reader, typer.Option(help="Slide reader backend.")] = Reader.auto,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
     read_workers: Annotated[int, typer.Option(help="Threads reading tiles ahead of compute.")] = 4,
     workers: Annotated[int, typer.Option(help="Local Dask worker processes (0: in this process).")] = 0,

@@ -2,18 +2,26 @@
 
 from featurestore.schemas._record import utcnow
 from featurestore.schemas.errors import (
+    BagNotFoundError,
     FsError,
+    InvalidArgumentError,
     InvalidRecordError,
     LabelsError,
+    MissingDependencyError,
     MissingMppError,
     ModelError,
     NotAStoreError,
+    NotFoundError,
+    PixelsNotCachedError,
     ReadOnlyError,
     SlideError,
+    SqlError,
     StoreDamageError,
     StoreExistsError,
     StoreVersionError,
     StoreWriteError,
+    TileIdsNotFoundError,
+    TilesNotFoundError,
     UnknownEmbeddingSetError,
 )
 from featurestore.schemas.records import (
@@ -45,10 +53,11 @@ from featurestore.schemas.tables import (
 
 __all__ = [
     "FORMAT_VERSION", "FREE_TABLES", "IMPORTS_SCHEMA", "LABELS_SCHEMA", "PREDICTIONS_SCHEMA",
-    "SLIDE_EMBEDDINGS_SCHEMA", "TABLES", "Bag", "EmbeddingSet",
-    "EncoderSpec", "Failure", "FsError",
-    "InvalidRecordError", "LabelsError", "MissingMppError", "ModelError", "NotAStoreError",
-    "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "StoreDamageError", "StoreExistsError",
-    "StoreVersionError", "StoreWriteError", "Tile", "TilingSpec", "UnknownEmbeddingSetError", "arrow_schema",
+    "SLIDE_EMBEDDINGS_SCHEMA", "TABLES", "Bag", "BagNotFoundError", "EmbeddingSet",
+    "EncoderSpec", "Failure", "FsError", "InvalidArgumentError",
+    "InvalidRecordError", "LabelsError", "MissingDependencyError", "MissingMppError", "ModelError", "NotAStoreError",
+    "NotFoundError", "PixelsNotCachedError", "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "SqlError",
+    "StoreDamageError", "StoreExistsError", "StoreVersionError", "StoreWriteError", "Tile", "TileIdsNotFoundError",
+    "TilesNotFoundError", "TilingSpec", "UnknownEmbeddingSetError", "arrow_schema",
     "from_row", "stored_schema", "tile_id", "to_row", "to_table", "utcnow",
 ]

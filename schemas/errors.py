@@ -34,11 +34,43 @@ class LabelsError(FsError, ValueError):
     """A labels file is malformed or does not match the store's slides."""
 
 
-class UnknownEmbeddingSetError(FsError, KeyError):
-    """No embedding set matches the requested model or id."""
+class InvalidArgumentError(FsError, ValueError):
+    """A public function got an argument it cannot use; the message names the argument and the valid choices."""
+
+
+class MissingDependencyError(FsError, ImportError):
+    """An optional package a call needs is not installed; the message says what to install."""
+
+
+class SqlError(FsError, ValueError):
+    """DuckDB could not run a query (syntax, unknown table or column, types); the message is DuckDB's."""
+
+
+class NotFoundError(FsError, KeyError):
+    """Something looked up by name or id is not in the store (or not in the pinned snapshot)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownEmbeddingSetError(NotFoundError):
+    """No embedding set matches the requested model or id."""
+
+
+class BagNotFoundError(NotFoundError):
+    """A slide has no bag (embeddings) in the embedding set."""
+
+
+class TilesNotFoundError(NotFoundError):
+    """A slide has no tiles for the tiling."""
+
+
+class PixelsNotCachedError(NotFoundError):
+    """A slide's tile pixels were not cached for the tiling."""
+
+
+class TileIdsNotFoundError(NotFoundError):
+    """Tile ids that belong to no slide of the embedding set."""
 
 
 class SlideError(FsError, OSError):

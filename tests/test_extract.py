@@ -111,8 +111,8 @@ def test_extract_writes_tiles_embeddings_qc_and_run(clean_store, cohort):
     info = clean_store.info()
     assert info.slides == 3 and info.failures == 0
     assert info.tiles > 30
-    [(view, _, n_slides, n_tiles)] = info.embedding_sets
-    assert (view, n_slides, n_tiles) == ("emb_test_tiny_cnn", 3, info.tiles)
+    [emb] = info.embedding_sets
+    assert (emb.view, emb.slides, emb.tiles) == ("emb_test_tiny_cnn", 3, info.tiles)
     assert len(list((clean_store.root / "qc").glob("*.png"))) == 3
     run = clean_store.runs()[-1]
     assert run.status == "ok" and run.finished_at is not None and "torch" in run.versions
@@ -149,7 +149,7 @@ def test_rerun_skips_and_new_model_runs_only_on_existing_tiles(cohort, clean_sto
     store = Store.open(path)
     assert store.sql("SELECT DISTINCT commit_id FROM tiles ORDER BY 1").to_pylist() == tile_commits
     assert snapshot(store) == snapshot(clean_store)
-    assert store.info().embedding_sets[1][3] == store.info().tiles
+    assert store.info().embedding_sets[1].tiles == store.info().tiles
 
 
 def test_rerun_of_a_finished_store_builds_no_teacher(cohort, file_store, weights_file, tmp_path, builds):
@@ -194,7 +194,8 @@ def test_cache_pixels_on_a_finished_store_adds_only_the_pixels(cohort, file_stor
         tiles = store.read_tiles(TILING.id, slide_id)
         assert store.read_pixels(TILING.id, slide_id).shape == (tiles.num_rows, 224, 224, 3)
         assert np.array_equal(store.read_bag(es, slide_id), bag), "embeddings untouched"
-    assert len(store.tilings()) == 2 and store.info().tilings[1][4] == 3, "the coarser tiling has pixels too"
+    coarser = store.info().tilings[1]
+    assert len(store.tilings()) == 2 and coarser.slides_with_pixels == 3, "the coarser tiling has pixels too"
     assert [x.status for x in run_extract([cohort.root / "slides"], path, o).outcomes] == ["skipped"] * 3
 
 

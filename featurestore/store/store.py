@@ -8,11 +8,11 @@ so opening and querying cost O(checkpoint + commits since), not O(history).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self, overload
 
 import numpy as np
 import pyarrow as pa
@@ -47,9 +47,10 @@ from featurestore.store._layout import (
     write_marker,
 )
 from featurestore.store._snapshot import Resolver
-from featurestore.store.snapshot import Snapshot, StoreInfo
+from featurestore.store.snapshot import TILE_COLUMNS, Snapshot, StoreInfo
 
 if TYPE_CHECKING:
+    import pandas as pd
     import zarr
 
 CHECKPOINT_EVERY = 100
@@ -108,7 +109,9 @@ class SlideCommit:
 class Store:
     """A feature store directory. Use ``Store.create`` or ``Store.open``; both are cheap.
 
-    Read methods each use the newest snapshot; keep ``store.snapshot()`` for reads that must agree.
+    ``Store.open`` gives a writable handle (pipelines write through it); in a notebook use
+    ``featurestore.open``, read-only unless asked. Read methods each use the newest snapshot;
+    keep ``store.snapshot()`` for reads that must agree.
     """
 
     def __init__(self, root: Path, *, read_only: bool) -> None:
@@ -120,7 +123,7 @@ class Store:
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r}, read_only={self.read_only})"
+        return f"Store({str(self.root)!r}, read_only={self.read_only}) at {self.info().summary()}"
 
     def __enter__(self) -> Self:
         return self
@@ -183,15 +186,22 @@ class Store:
 
     # --- reads (each on the newest snapshot) -------------------------------------------------
 
-    def sql(self, query: str, params: list | None = None) -> pa.Table:
-        """Run one read-only SQL statement (``?`` placeholders bound to ``params``) over one snapshot."""
-        return self.snapshot().sql(query, params)
+    @overload
+    def sql(self, query: str, params: Sequence | dict | None = None, *,
+            pandas: Literal[False] = False) -> pa.Table: ...
 
-    def search(self, model: str, **query) -> pa.Table:
-        """Nearest tiles or slides to a query, with labels joined; see ``featurestore.index.search``."""
-        from featurestore.index import search
+    @overload
+    def sql(self, query: str, params: Sequence | dict | None = None, *, pandas: Literal[True]) -> pd.DataFrame: ...
 
-        return search(self, model, **query)
+    def sql(self, query: str, params: Sequence | dict | None = None, *,
+            pandas: bool = False) -> pa.Table | pd.DataFrame:
+        """One read-only SQL statement over the newest snapshot; see ``Snapshot.sql``."""
+        return self.snapshot().sql(query, params, pandas=pandas)
+
+    def tiles(self, model: str, slides: Sequence[str] | None = None, *,
+              columns: Sequence[str] = TILE_COLUMNS) -> pa.Table:
+        """Tile rows of an embedding set with their embeddings; see ``Snapshot.tiles``."""
+        return self.snapshot().tiles(model, slides, columns=columns)
 
     def slides(self) -> list[Slide]:
         return self.snapshot().slides()
