@@ -9,6 +9,7 @@
 - ``distill.kd.evaluate`` / ``distill.kd.report``: cosine to the teacher, probes, cost, the report.
 """
 
+from featurestore.distill.kd.config import DistillConfig, DistillResult
 from featurestore.distill.kd.data import Augment, CachedTiles, SlideBalancedSampler, dihedral
 from featurestore.distill.kd.objectives import (
     BASELINES,
@@ -19,7 +20,7 @@ from featurestore.distill.kd.objectives import (
     Targets,
     build_objective,
 )
-from featurestore.distill.kd.train import DistillConfig, DistillResult, distill
+from featurestore.distill.kd.train import distill
 
 __all__ = ["BASELINES", "OBJECTIVES", "Augment", "CachedTiles", "DistillConfig", "DistillResult", "Objective",
            "ObjectiveConfig", "SlideBalancedSampler", "StudentOutput", "Targets", "build_objective", "dihedral",
