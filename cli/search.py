@@ -25,6 +25,7 @@ from featurestore.cli._common import (
     print_table,
 )
 from featurestore.index import EXACT_BELOW, KINDS, default_kind
+from featurestore.pipelines.interop import LAYOUTS
 from featurestore.store import Store
 
 index_app = typer.Typer(help="FAISS indexes of embedding sets, searched by fs search.", no_args_is_help=True)
@@ -40,10 +41,7 @@ class GroupBy(StrEnum):
     slide = "slide"
 
 
-class Layout(StrEnum):
-    trident = "trident"
-    clam = "clam"
-    stamp = "stamp"
+Layout = StrEnum("Layout", [(name, name) for name in LAYOUTS])
 
 
 class FileFormat(StrEnum):
@@ -203,8 +201,8 @@ def import_cmd(
         command = "fs " + " ".join(sys.argv[1:])
         report = import_features(Store.open_or_create(store), paths, opts, command=command,
                                  on_file=lambda _: progress.advance(task))
-    models = sorted({m for _, _, m, _ in report.imported})
-    console.print(f"imported {len(report.imported)} files ({sum(n for *_, n in report.imported)} tiles) as "
+    models = sorted({f.encoder for f in report.imported})
+    console.print(f"imported {len(report.imported)} files ({sum(f.tiles for f in report.imported)} tiles) as "
                   f"{', '.join(models) or 'nothing new'}; {len(report.skipped)} already imported, "
                   f"{len(report.failed)} failed (run {report.run_id})", highlight=False)
     for f in report.failed:
@@ -218,7 +216,7 @@ def export_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder for one <slide>.h5 per slide.")],
     store: StoreOpt,
     model: ModelOpt,
-    layout: Annotated[Layout, typer.Option(help="Layout to write: trident, clam or stamp.")],
+    layout: Annotated[Layout, typer.Option(help="Which tool's layout to write.")],
     fmt: Annotated[FileFormat, typer.Option("--format", help="File format.")] = FileFormat.h5,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <slide>.h5 files.")] = False,
 ) -> None:
@@ -228,5 +226,5 @@ def export_cmd(
     report = export_features(Store.open(store, read_only=True), model, out_dir, layout.value, overwrite=overwrite)
     console.print(f"wrote {len(report.files)} {fmt.value} files ({layout.value} layout) to {out_dir}; "
                   f"{report.verbatim} exactly as imported", highlight=False)
-    for slide_id, name in report.renamed:
-        console.print(f"  two slides share a name: slide {slide_id} written as {name}.h5", highlight=False)
+    for r in report.renamed:
+        console.print(f"  two slides share a name: slide {r.slide_id} written as {r.stem}.h5", highlight=False)

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from featurestore.cli.search import Layout
 from featurestore.index import build_index, search
-from featurestore.pipelines.interop import ImportOptions, InteropError, export_features, import_features
+from featurestore.pipelines.interop import LAYOUTS, ImportOptions, InteropError, export_features, import_features
 from featurestore.store import Store
 from tests.conftest import commit_random_slide, make_encoder
 
@@ -246,3 +247,18 @@ def test_export_never_replaces_a_users_files_unless_asked(tmp_path, tiling):
     assert len(export_features(store, "uni", tmp_path / "out", "trident", overwrite=True).files) == 1
     with h5py.File(mine) as f:
         assert f["features"].shape == (5, 4)
+
+
+def test_every_registered_layout_is_detected_in_its_own_files(tmp_path, tiling):
+    """Files exported in each registered layout import as that layout without being told; the CLI offers
+    exactly the registered names, and an unknown name is refused with them."""
+    store = Store.create(tmp_path / "s")
+    commit_random_slide(store, 0, tiling, [make_encoder("uni", 4)], 5)
+    for name in LAYOUTS:
+        export_features(store, "uni", tmp_path / name, name)
+        back = Store.create(tmp_path / f"back-{name}")
+        import_features(back, [tmp_path / name], ImportOptions(model_name="uni", assume_mpp=0.5))
+        assert back.sql("SELECT layout FROM imports").column(0).to_pylist() == [name]
+    assert [choice.value for choice in Layout] == list(LAYOUTS) == ["trident", "clam", "stamp"]
+    with pytest.raises(InteropError, match="layout 'qupath' is unknown; choose one of trident, clam, stamp"):
+        import_features(store, [tmp_path / "stamp"], ImportOptions(layout="qupath"))

@@ -153,7 +153,7 @@ def test_train_run_directory(base, tmp_path):
 def test_export(base, tmp_path):
     out, clean = tmp_path / "out", tmp_path / "clean"
     args = ("export", "-s", str(base[0]), "-m", "uni", "--layout", "trident")
-    killed("featurestore.pipelines.interop.os.replace", 3, *args[:1], str(out), *args[1:])
+    killed("featurestore.pipelines.interop._export.os.replace", 3, *args[:1], str(out), *args[1:])
     assert len(list(out.glob("*.h5"))) == 2, "two whole files, no partial third"
     refused = CliRunner().invoke(app, [args[0], str(out), *args[1:]])
     assert refused.exit_code == 2 and "--overwrite" in refused.output
