@@ -25,7 +25,7 @@ from featurestore.cli._common import (
     print_table,
 )
 from featurestore.index import EXACT_BELOW, KINDS, default_kind
-from featurestore.pipelines.interop import LAYOUTS
+from featurestore.pipelines.interop import LAYOUTS, ImportOptions, export_features, import_features
 from featurestore.store import Store
 
 index_app = typer.Typer(help="FAISS indexes of embedding sets, searched by fs search.", no_args_is_help=True)
@@ -192,8 +192,6 @@ def import_cmd(
     = None,
 ) -> None:
     """Import TRIDENT, CLAM or STAMP HDF5 feature files as slides, tiles and an embedding set."""
-    from featurestore.pipelines.interop import ImportOptions, import_features
-
     opts = ImportOptions(layout=layout.value if layout else None, slides_dir=slides, model_name=model_name,
                          assume_mpp=assume_mpp, patch_size=patch_size, patch_level=patch_level)
     with _progress("import") as progress:
@@ -221,8 +219,6 @@ def export_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <slide>.h5 files.")] = False,
 ) -> None:
     """Write an embedding set as per-slide HDF5 files that TRIDENT, CLAM or STAMP code reads."""
-    from featurestore.pipelines.interop import export_features
-
     report = export_features(Store.open(store, read_only=True), model, out_dir, layout.value, overwrite=overwrite)
     console.print(f"wrote {len(report.files)} {fmt.value} files ({layout.value} layout) to {out_dir}; "
                   f"{report.verbatim} exactly as imported", highlight=False)
