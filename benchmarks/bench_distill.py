@@ -4,7 +4,7 @@
 
 One generated cohort is extracted with the real EfficientNet-Lite0 (pixels cached at 224@0.5), then
 the same student (mobilenetv3_small_100, feature KD, AdamW, same batches and augmentation) runs the
-same plan of steps three ways, every step through ``distill.kd.train``'s own training pass:
+same plan of steps three ways, every step through ``distill.kd.loop``'s own training pass:
 
 - **cache**: batches from ``CachedTiles`` (cached pixels and cached targets), as ``fs distill`` runs
   an epoch once its slides are in the LRU cache; a *cold* epoch (a fresh ``CachedTiles``: store
@@ -14,7 +14,7 @@ same plan of steps three ways, every step through ``distill.kd.train``'s own tra
   online pays no slide reading: the comparison favours it);
 - **floor**: the batches materialised in memory beforehand, then only the student steps.
 
-Every variant calls ``distill.kd.train.run_pass``, the loop ``fs distill`` trains with, on its own
+Every variant calls ``distill.kd.loop.run_pass``, the loop ``fs distill`` trains with, on its own
 batch source: re-implementing the step here would measure a different loop.
 
 Ratios: speedup = online / cache, against the compute ratio (teacher forward + student train step)
@@ -36,11 +36,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from benchmarks._common import best_of_interleaved, row
+from featurestore.distill.kd import DistillConfig
 from featurestore.distill.kd import evaluate as E
 from featurestore.distill.kd.data import Batch, CachedTiles, SlideBalancedSampler, dihedral_each
+from featurestore.distill.kd.loop import TargetScaling, run_pass
 from featurestore.distill.kd.objectives import ObjectiveConfig, Targets, build_objective
 from featurestore.distill.kd.students import Student, create_student
-from featurestore.distill.kd.train import DistillConfig, TargetScaling, run_pass
 from featurestore.encoders import Teacher, build_teacher
 from featurestore.pipelines.demo import make_cohort
 from featurestore.pipelines.extract import ExtractOptions, PixelSpec, run_extract
@@ -77,7 +78,7 @@ class Setup:
         return list(self.data.iterate(self.plan, augment=self.cfg.augment, seed=1))
 
     def epoch(self, data: CachedTiles | _Online | _InMemory) -> None:
-        """One training pass over ``plan`` through ``distill.kd.train.run_pass``."""
+        """One training pass over ``plan`` through ``distill.kd.loop.run_pass``."""
         run_pass(self.student, self.objective, data, self.plan, cfg=self.cfg, device=torch.device("cpu"),
                  teacher_head=None, primary=TEACHER, scaling=self.scaling, optimizer=self.optimizer,
                  scheduler=torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0),
