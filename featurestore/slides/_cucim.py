@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.schemas.errors import SlideError
-from featurestore.slides.base import WHITE, SlideReader
+from featurestore.slides.base import WHITE, ReaderError, SlideReader
 
 CUFILE_CONFIG = Path(__file__).with_name("cufile_disabled.json")
 """cuFile configuration that forces compatibility mode; see the module docstring."""
@@ -92,18 +92,18 @@ class CuCIMReader(SlideReader):
         try:
             cuimage = import_cuimage()
         except (ImportError, OSError) as err:
-            raise SlideError(f"{self.path}: cuCIM is not usable here ({err}); "
-                             f"install cucim-cu13 or pass reader='openslide'") from err
+            raise ReaderError(self.path, self.backend, f"cuCIM is not usable here: {err}",
+                              "install cucim-cu13 or pass reader='openslide'") from err
         try:
             with _quiet_native_output():
                 self._img: Any = cuimage(str(self.path))
         except (ValueError, RuntimeError) as err:
-            raise SlideError(f"{self.path}: cuCIM cannot open it ({err}); pass reader='openslide'") from err
+            raise ReaderError(self.path, self.backend, str(err), "pass reader='openslide'") from err
         if self._img.dims != "YXC" or self._img.shape[-1] != 3:
             dims, shape = self._img.dims, self._img.shape
             self._img.close()
-            raise SlideError(f"{self.path}: cuCIM reads it as {dims} {shape}, not RGB; "
-                             f"pass reader='openslide'")
+            raise ReaderError(self.path, self.backend, f"it decodes as {dims} {shape}, not RGB",
+                              "pass reader='openslide'")
         res = self._img.resolutions
         self._dims = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
         self._downsamples = tuple(float(d) for d in res["level_downsamples"])

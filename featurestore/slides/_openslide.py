@@ -1,4 +1,4 @@
-"""OpenSlide backend: the reference reader, for every format OpenSlide knows.
+"""OpenSlide backend: the reference reader, for every format OpenSlide knows (DICOM WSI included).
 
 OpenSlide returns transparent pixels outside the slide (and in sparse regions of
 some formats); we composite them onto the requested fill so callers never see
@@ -15,18 +15,8 @@ import numpy as np
 import openslide
 
 from featurestore.schemas.errors import SlideError
-from featurestore.slides.base import WHITE, SlideReader
-
-
-def composite(rgba: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
-    """Straight-alpha RGBA (h, w, 4) onto opaque ``fill``: alpha 0 gives ``fill`` exactly, 255 the pixel."""
-    alpha = rgba[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
-    a = alpha.astype(np.uint16)
-    rgb = rgba[..., :3].astype(np.uint16)
-    bg = np.asarray(fill, dtype=np.uint16)
-    return ((rgb * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
+from featurestore.slides._sniff import dicom_files
+from featurestore.slides.base import WHITE, ReaderError, SlideReader, composite
 
 
 def _positive_float(value: str | None) -> float | None:
@@ -38,17 +28,28 @@ def _positive_float(value: str | None) -> float | None:
 
 
 class OpenSlideReader(SlideReader):
-    """A slide read through OpenSlide (thread-safe, so ``read_regions`` may use threads)."""
+    """A slide read through OpenSlide (thread-safe, so ``read_regions`` may use threads).
+
+    A folder is a DICOM series: OpenSlide opens it from any one of its files and finds the others beside it.
+    """
 
     backend = "openslide"
+    reads_folders = True
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        target = self.path
+        if self.path.is_dir():
+            files = dicom_files(self.path)
+            if not files:
+                raise ReaderError(self.path, self.backend, "a folder holding no DICOM file",
+                                  "pass a slide file, or the folder of one DICOM series")
+            target = files[0]
         try:
-            self._slide: openslide.OpenSlide | None = openslide.OpenSlide(self.path)
+            self._slide: openslide.OpenSlide | None = openslide.OpenSlide(target)
         except (openslide.OpenSlideError, OSError) as err:
-            raise SlideError(f"{self.path}: OpenSlide cannot open it ({err}); "
-                             f"convert it to a format OpenSlide supports") from err
+            raise ReaderError(self.path, self.backend, str(err),
+                              "convert it to a format OpenSlide supports") from err
         props = self._slide.properties
         mpp_x = _positive_float(props.get(openslide.PROPERTY_NAME_MPP_X))
         mpp_y = _positive_float(props.get(openslide.PROPERTY_NAME_MPP_Y))
