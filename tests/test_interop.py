@@ -6,6 +6,7 @@ attributes as in their code), since real ones cannot be downloaded in tests.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import pytest
 from featurestore.cli.search import Layout
 from featurestore.index import build_index, search
 from featurestore.pipelines.interop import LAYOUTS, ImportOptions, InteropError, export_features, import_features
-from featurestore.store import Store
+from featurestore.schemas import TilingSpec
+from featurestore.store import SlideCommit, Store, tiles_table
 from tests.conftest import commit_random_slide, make_encoder
 
 h5py = pytest.importorskip("h5py")
@@ -26,7 +28,7 @@ def grid(n: int, step: int) -> np.ndarray:
 
 
 def write_trident(path: Path, features: np.ndarray, coords: np.ndarray) -> None:
-    """As TRIDENT's ``extract_patch_features``: coords attrs from its patching, features attrs name/dir."""
+    """As TRIDENT < 0.2.2's ``extract_patch_features``: int coords attrs from its patching, features attrs name/dir."""
     with h5py.File(path, "w") as f:
         f.create_dataset("features", data=features)
         f["features"].attrs.update({"name": path.stem, "savetodir": str(path.parent)})
@@ -53,6 +55,80 @@ def write_stamp(path: Path, features: np.ndarray, coords_um: np.ndarray) -> None
         f["feats"] = features
         f.attrs.update({"stamp_version": "2.2.0", "extractor": "uni2", "unit": "um", "tile_size_um": 256.0,
                         "tile_size_px": 224, "code_hash": "1a2b3c4d", "feat_type": "tile"})
+
+
+def trident_magnification(mpp: float) -> int:
+    """TRIDENT 0.3.1 ``trident/wsi_objects/WSI.py::WSI._fetch_magnification``: µm/px binned to an objective."""
+    for below, mag in ((0.16, 80), (0.2, 60), (0.3, 40), (0.6, 20), (1.2, 10), (2.4, 5)):
+        if mpp < below:
+            return mag
+    raise ValueError(f"Identified mpp is very low: mpp={mpp}")
+
+
+def trident_save_h5(save_path: Path, assets: dict, attributes: dict | None = None, mode: str = "w") -> None:
+    """TRIDENT 0.3.1 ``trident/IO.py::save_h5`` (new datasets): row chunks, resizable, dicts as JSON, None as 'None'."""
+    with h5py.File(save_path, mode) as file:
+        for key, val in assets.items():
+            data_shape = val.shape
+            chunk_shape = (1, ) + data_shape[1:]
+            maxshape = (None, ) + data_shape[1:]
+            dset = file.create_dataset(key, shape=data_shape, maxshape=maxshape, chunks=chunk_shape, dtype=val.dtype)
+            dset[:] = val
+            if attributes is not None and key in attributes:
+                for attr_key, attr_val in attributes[key].items():
+                    if isinstance(attr_val, dict):
+                        attr_val = json.dumps(attr_val)
+                    elif attr_val is None:
+                        attr_val = "None"
+                    dset.attrs[attr_key] = attr_val
+
+
+def write_trident_03(job_dir: Path, name: str, features: np.ndarray, coords: np.ndarray, *, mpp: float, width: int,
+                     height: int, patch_size: int, mag: float, overlap: int, encoder: str) -> Path:
+    """The feature file ``run_batch_of_slides.py --task all`` of TRIDENT 0.3.1 leaves for one slide.
+
+    ``--mag`` is parsed as a float and ``--patch_size``/``--overlap`` as ints; ``WSI.extract_tissue_coords``
+    calls ``IO.coords_to_h5`` with the slide's ``mag`` (binned), ``width`` and ``height``;
+    ``WSI.extract_patch_features`` reads the patch file with ``IO.read_coords`` and saves features and coords.
+    """
+    src_mag, target_mag = trident_magnification(mpp), mag
+    save_coords = str(job_dir / f"{mag:g}x_{patch_size}px_{overlap}px_overlap")
+    patches = Path(save_coords) / "patches" / f"{name}_patches.h5"
+    patches.parent.mkdir(parents=True)
+    attributes = {  # IO.coords_to_h5
+        'patch_size': patch_size,
+        'patch_size_level0': patch_size * src_mag // target_mag,
+        'level0_magnification': src_mag,
+        'target_magnification': target_mag,
+        'overlap': overlap,
+        'name': name,
+        'savetodir': save_coords,
+        'level0_width': width,
+        'level0_height': height
+    }
+    trident_save_h5(patches, assets={'coords': np.asarray(coords, dtype=np.int64)},
+                    attributes={'coords': attributes}, mode='w')
+    with h5py.File(patches, 'r') as f:  # IO.read_coords
+        coords_attrs = dict(f['coords'].attrs)
+        coords = f['coords'][:]
+    save_features = str(Path(save_coords) / f"features_{encoder}")
+    Path(save_features).mkdir()
+    model_name = encoder
+    out = Path(save_features) / f"{name}.h5"
+    trident_save_h5(out, assets={'features': features, 'coords': coords},
+                    attributes={'features': {'name': name, 'savetodir': save_features, 'encoder': model_name},
+                                'coords': coords_attrs}, mode='w')
+    return out
+
+
+def attr_types(path: Path) -> dict[str, dict[str, str]]:
+    """Each attribute's stored HDF5 type ('str', or dtype and shape), by where it sits: 'file' or a dataset."""
+    def kind(attr) -> str:
+        return "str" if h5py.check_string_dtype(attr.dtype) else f"{attr.dtype.str}{attr.shape}"
+
+    with h5py.File(path, "r") as f:
+        places = {"file": f} | {name: f[name] for name in f}
+        return {where: {k: kind(obj.attrs.get_id(k)) for k in obj.attrs} for where, obj in places.items()}
 
 
 def read_all(path: Path) -> dict:
@@ -262,3 +338,89 @@ def test_every_registered_layout_is_detected_in_its_own_files(tmp_path, tiling):
     assert [choice.value for choice in Layout] == list(LAYOUTS) == ["trident", "clam", "stamp"]
     with pytest.raises(InteropError, match="layout 'qupath' is unknown; choose one of trident, clam, stamp"):
         import_features(store, [tmp_path / "stamp"], ImportOptions(layout="qupath"))
+
+
+@pytest.fixture
+def slide_0499(tmp_path, real_slide):
+    """A store holding the real 0.499 µm/px slide cut as the tiler cuts it, 224 px at 0.5 µm/px: 224.45 level-0 px
+    apart. Returns the store, the slide, its tile grid and the float32 embeddings written."""
+    pytest.importorskip("featurestore.slides", reason="slide readers not written yet")
+    from featurestore.pipelines.discover import fingerprint
+    from featurestore.pipelines.register import describe_slide
+    from featurestore.slides.tiling import SlideGeometry, tile_grid
+
+    slide = describe_slide(real_slide, fingerprint(real_slide))
+    tiling = TilingSpec(target_mpp=0.5, tile_size=224, tissue_method="none")
+    cut = tile_grid(SlideGeometry((slide.width, slide.height)), tiling, None, mpp=slide.mpp_x)
+    features = np.random.default_rng(0).standard_normal((len(cut), 8)).astype(np.float32)
+    tiles = tiles_table(slide.slide_id, tiling.id, cut.x, cut.y, cut.level, cut.read_size, cut.tissue_fraction)
+    store = Store.create(tmp_path / "s")
+    store.commit_slide(SlideCommit(slide, tiling, tiles, {make_encoder("uni_v1", 8): features}, dtype="float32"))
+    return store, slide, cut, features
+
+
+def test_trident_export_writes_tridents_attributes_and_the_true_pitch(tmp_path, slide_0499):
+    store, slide, cut, features = slide_0499
+    assert slide.mpp_x == 0.499, "a slide whose µm/px is not the tiling's"
+    exported = export_features(store, "uni_v1", tmp_path / "out", "trident").files[0]
+    with h5py.File(exported) as f:
+        coords = f["coords"][...]
+    reference = write_trident_03(tmp_path / "job", exported.stem, features, coords, mpp=slide.mpp_x,
+                                 width=slide.width, height=slide.height, patch_size=224, mag=20.0, overlap=0,
+                                 encoder="uni_v1")
+    ours, theirs = attr_types(exported), attr_types(reference)
+    extra = {where: sorted(k for k in names if k.startswith("featurestore_")) for where, names in ours.items()}
+    assert extra == {"file": ["featurestore_set_id", "featurestore_slide_id"], "features": [],
+                     "coords": ["featurestore_stride_level0"]}
+    assert {where: {k: t for k, t in names.items() if k not in extra[where]} for where, names in ours.items()} == theirs
+    with h5py.File(exported) as f, h5py.File(reference) as g:
+        for where in ("features", "coords"):
+            assert {k: v for k, v in f[where].attrs.items() if k != "savetodir" and k not in extra[where]} == \
+                {k: v for k, v in g[where].attrs.items() if k != "savetodir"}, f"{where} attribute values"
+        assert (f["features"].dtype, f["coords"].dtype) == (g["features"].dtype, g["coords"].dtype)
+        level0_size, stride = f["coords"].attrs["patch_size_level0"], f["coords"].attrs["featurestore_stride_level0"]
+    assert level0_size == 224 * trident_magnification(0.499) // 20.0 == cut.footprint == 224
+    assert stride == pytest.approx(224 * 0.5 / 0.499)
+    xs = np.unique(coords[:, 0])
+    assert np.array_equal(xs, np.floor(np.arange(len(xs)) * stride + 0.5)), "the pitch the tiles were cut at"
+    assert xs[4] == 898, "a 224 px pitch would put the fifth column at 896"
+
+
+def test_trident_export_round_trips_through_import(tmp_path, slide_0499, real_slide):
+    store, slide, cut, features = slide_0499
+    out = tmp_path / "out"
+    export_features(store, "uni_v1", out, "trident")
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / real_slide.name).symlink_to(real_slide)
+    for i, opts in enumerate((ImportOptions(slides_dir=slides), ImportOptions())):
+        back = Store.create(tmp_path / f"back-{i}")
+        import_features(back, [out], opts)  # no --model-name: 'out' is no features_<name> folder, the file says it
+        es = back.embedding_set("uni_v1")
+        (got,) = back.slides()
+        tiles = back.read_tiles(es.tiling_id, got.slide_id)
+        assert np.array_equal(tiles.column("x").to_numpy(), cut.x)
+        assert np.array_equal(tiles.column("y").to_numpy(), cut.y)
+        assert set(tiles.column("read_size").to_pylist()) == {cut.read_size}
+        assert np.array_equal(back.read_bag(es, got.slide_id), features)
+        assert got.mpp_x == pytest.approx(0.499), "from the slide file, else from the exact pitch"
+        assert (got.slide_id == slide.slide_id) == (opts.slides_dir is not None)
+
+
+def test_trident_03_files_import_and_go_back_verbatim(tmp_path):
+    features = np.random.default_rng(1).standard_normal((30, 12)).astype(np.float32)
+    path = write_trident_03(tmp_path / "job", "case_0", features, grid(30, 512), mpp=0.25, width=40000,
+                            height=30000, patch_size=256, mag=20.0, overlap=0, encoder="conch_v15")
+    with h5py.File(path) as f:
+        assert f["coords"].attrs["patch_size_level0"].dtype == np.float64, "TRIDENT 0.3's batch writes a float"
+    store = Store.create(tmp_path / "s")
+    import_features(store, [path])
+    es = store.embedding_set("conch_v15")
+    (tiling,) = store.tilings()
+    assert (tiling.tile_size, tiling.target_mpp) == (256, 0.5)
+    assert store.sql("SELECT DISTINCT read_size FROM tiles").column(0).to_pylist() == [512]
+    (slide,) = store.slides()
+    assert np.array_equal(store.read_bag(es, slide.slide_id), features)
+    out = tmp_path / "out"
+    assert export_features(store, "conch_v15", out, "trident").verbatim == 1
+    assert_same_file(path, out / "case_0.h5")
