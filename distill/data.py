@@ -240,6 +240,8 @@ class BagDataset(Dataset):
                                        "give one row per slide, in the order of slide_ids")
         if max_tiles is not None and (not isinstance(max_tiles, int) or max_tiles < 1):
             raise InvalidArgumentError(f"max_tiles must be a whole number >= 1 or None (every tile), got {max_tiles!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise InvalidArgumentError(f"seed must be a whole number >= 0, got {seed!r}")
         self.reader = reader
         self.max_tiles = max_tiles
         self.coords = coords

@@ -122,6 +122,10 @@ def test_the_positional_bag_dataset_call_still_works(built):
     assert batch.y.shape == (2, 2) and batch.x.shape == (2, 4, DIM) and batch.coords.shape == (2, 4, 2)
     with pytest.raises(fs.InvalidArgumentError, match="targets has 2 rows for 3 slides"):
         fs.BagDataset(reader, reader.slide_ids, np.ones((2, 2)))
+    with pytest.raises(fs.InvalidArgumentError, match="max_tiles must be a whole number >= 1"):
+        fs.BagDataset(reader, reader.slide_ids, max_tiles=0)
+    with pytest.raises(fs.BagNotFoundError, match="1 of the 2 slides have no bag in uni: nope"):
+        fs.BagDataset(reader, ["nope", reader.slide_ids[0]])
 
 
 def test_tiles_carry_their_embeddings_in_tile_index_order(built):
