@@ -11,6 +11,7 @@ from rich.table import Table
 
 from featurestore.cli._common import OutputFormat, OverwriteOpt, StoreOpt, console, friendly, new_output, print_table
 from featurestore.cli._options import Device
+from featurestore.slides import READERS
 from featurestore.store import Store
 
 app = typer.Typer(help="Cached-feature store for computational pathology: extract once, distil many times.",
@@ -129,10 +130,8 @@ def demo_cohort(out: Annotated[Path, typer.Argument(help="Directory for slides/ 
     console.print(f"wrote {len(cohort.slides)} slides to {out / 'slides'} and labels to {cohort.labels_csv}")
 
 
-class Reader(StrEnum):
-    auto = "auto"
-    cucim = "cucim"
-    openslide = "openslide"
+Reader = StrEnum("Reader", {name: name for name in READERS})
+"""Slide reader backends, from the registry in featurestore.slides."""
 
 
 class Tissue(StrEnum):
@@ -159,7 +158,8 @@ def extract(
     tissue: Annotated[Tissue, typer.Option(help="Tissue detection: otsu, or none to tile everything.")]
     = Tissue.otsu,
     edge: Annotated[Edge, typer.Option(help="Edge tiles: pad with white, or drop.")] = Edge.pad,
-    reader: Annotated[Reader, typer.Option(help="Slide reader backend.")] = Reader.auto,
+    reader: Annotated[Reader, typer.Option(help="Slide reader backend; auto picks one by each file's content "
+                                           "(DICOM, CZI, OME-TIFF, TIFF, PNG/JPEG).")] = Reader.auto,
     device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
     read_workers: Annotated[int, typer.Option(help="Threads reading tiles ahead of compute.")] = 4,

@@ -364,4 +364,4 @@ def png_no_mpp(png_pyramid) -> Path:
 def jpeg_real(tmp_path_factory, real_crop) -> SlideCase:
     path = tmp_path_factory.mktemp("jpeg") / "real.jpg"
     Image.fromarray(real_crop).save(path, quality=95)
-    return _real_case(path, real_crop, (1.0,), None, "jpeg")
+    return replace(_real_case(path, real_crop, (1.0,), None, "jpeg"), jpeg_error=4.0)  # measured 3.74

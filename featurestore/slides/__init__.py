@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featurestore.schemas.errors import SlideError
-from featurestore.slides._sniff import Format, detect_format
+from featurestore.slides._sniff import Format, detect_format, dicom_files, is_dicom_file
 from featurestore.slides.base import WHITE, ReaderError, SlideReader, best_level
 from featurestore.slides.tiling import SlideGeometry, TileGrid, qc_overlay, read_tiles, tile_grid
 from featurestore.slides.tissue import TissueMask, otsu_threshold, thumbnail, tissue_mask
@@ -30,6 +30,8 @@ __all__ = [
     "TissueMask",
     "best_level",
     "detect_format",
+    "dicom_files",
+    "is_dicom_file",
     "open_slide",
     "otsu_threshold",
     "qc_overlay",
