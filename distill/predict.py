@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from featurestore.devices import autocast, resolve_device
 from featurestore.distill.data import BagDataset, BagReader
 from featurestore.distill.errors import RunDirError
-from featurestore.distill.runtime import Checkpoint, autocast, batches, load_checkpoint, make_loader, resolve_device
+from featurestore.distill.runtime import Checkpoint, batches, load_checkpoint, make_loader
 from featurestore.schemas import PREDICTIONS_SCHEMA, EmbeddingSet, UnknownEmbeddingSetError
 from featurestore.store import Store
 

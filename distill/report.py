@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from featurestore.devices import autocast
 from featurestore.distill import metrics as M
 from featurestore.distill.data import BagReader, grid_positions
 from featurestore.distill.errors import RunDirError
-from featurestore.distill.runtime import autocast, load_checkpoint
+from featurestore.distill.runtime import load_checkpoint
 from featurestore.distill.tasks import Classification, Ordinal, Survival, Task, task_from_dict
 from featurestore.store import Store
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from featurestore.devices import resolve_device
 from featurestore.pipelines.discover import find_slides
 from featurestore.pipelines.register import describe_slide
 from featurestore.schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec, utcnow
@@ -89,16 +90,6 @@ class SlideOutcome:
     seconds: float = 0.0
     device_seconds: float = 0.0
     error: str = ""
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FsError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    return device
 
 
 _TeacherKey = tuple[str, str | None, str]
@@ -241,7 +232,7 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
     t0 = time.perf_counter()
     stage = "open"
     try:
-        device = resolve_device(opts.device)
+        device = str(resolve_device(opts.device))
         missing = missing_models(opts, device, done)
         pixel_tilings = wanted_pixels(opts) - pixels_done
         if not missing and not pixel_tilings:
@@ -381,7 +372,7 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
                       "or globs (see `fs extract --help` for the formats read)")
     in_process = not (workers or scheduler)
     if in_process:
-        device = resolve_device(opts.device)
+        device = str(resolve_device(opts.device))
         # Missing weights fail even on a finished store: their hash is what "finished" is judged by.
         teacher_specs(opts, device)
     store = Store.open_or_create(store_path)
