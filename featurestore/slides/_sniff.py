@@ -69,6 +69,8 @@ def detect_format(path: Path) -> Format:
         return "czi"
     if head[:4] in _TIFF_MAGIC:
         return "ome-tiff" if _is_ome(path) else "tiff"
-    if head.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
+    if head.startswith(_PNG_MAGIC):
+        return "image"
+    if head.startswith(_JPEG_MAGIC):
         return "other" if _openslide_vendor(path) else "image"
     return "other"
