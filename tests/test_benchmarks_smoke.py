@@ -3,12 +3,14 @@ benchmark (it times things, but no timing is checked)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import bench_scale
+from benchmarks import _common, bench_scale
 from benchmarks.__main__ import print_rows
 from benchmarks._common import best_of_interleaved
 from benchmarks.bench_distill import _conv_backward_flops
@@ -36,11 +38,22 @@ def test_depthwise_backward_is_two_forwards_not_channels_times_more() -> None:
     assert _conv_flops(conv, fixed=False)[1] > 10 * forward  # torch's own formula ignores groups
 
 
-def test_best_of_interleaved_runs_every_variant_each_round_alternating() -> None:
+def test_best_of_interleaved_runs_every_variant_each_round_alternating_and_keeps_its_fastest(monkeypatch) -> None:
+    """A fake clock: each call of a variant advances it by that variant's next duration."""
+    clock = [0.0]
+    durations = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 6.0, 4.0])}
     calls: list[str] = []
-    best = best_of_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+
+    def variant(name: str):
+        def run() -> None:
+            calls.append(name)
+            clock[0] += next(durations[name])
+        return run
+
+    monkeypatch.setattr(_common, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    best = best_of_interleaved({"a": variant("a"), "b": variant("b")}, repeats=3)
     assert calls == ["a", "b", "b", "a", "a", "b"]
-    assert set(best) == {"a", "b"} and all(t >= 0 for t in best.values())
+    assert best == {"a": 1.0, "b": 4.0}
 
 
 @pytest.mark.slow

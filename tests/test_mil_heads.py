@@ -82,8 +82,10 @@ def test_a_bag_scores_the_same_alone_and_in_a_batch(name):
         batch = head(x, mask, coords)
         one = head(short, torch.ones(1, 9, dtype=torch.bool), short_coords)
     torch.testing.assert_close(batch.logits[:1], one.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(batch.attention.sum(1), torch.ones(2))
-    assert torch.all(batch.attention >= 0)
+    torch.testing.assert_close(batch.attention[0, :9], one.attention[0], atol=1e-6, rtol=1e-5)
+    assert torch.all(batch.attention[0, 9:] == 0), "padding gets no attention"
+    torch.testing.assert_close(batch.attention[0, :9].sum(), torch.tensor(1.0))
+    torch.testing.assert_close(batch.attention[1].sum(), torch.tensor(1.0))
 
 
 def test_heads_report_their_embedding_width():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pyarrow as pa
 import pytest
@@ -24,6 +25,7 @@ from featurestore.schemas import (
     to_table,
     utcnow,
 )
+from featurestore.schemas.tables import ID_COLUMNS
 from tests.conftest import make_encoder, make_slide
 
 EXAMPLES = [
@@ -53,9 +55,28 @@ def test_arrow_round_trip_matches_schema(record):
     assert from_row(cls, table.to_pylist()[0]) == record
 
 
-def test_every_table_has_a_schema():
-    for cls in TABLES.values():
-        assert isinstance(arrow_schema(cls), pa.Schema)
+def test_every_table_has_an_example():
+    assert {type(r) for r in EXAMPLES} == set(TABLES.values())
+
+
+@pytest.mark.parametrize("record", EXAMPLES, ids=lambda r: type(r).__name__)
+def test_arrow_schema_has_the_records_fields_and_types(record):
+    """Columns are the dataclass fields in order (after the content id, before Tile's tile_id); each type is
+    what Arrow infers from the example's value, and a column is nullable exactly when its field may be None."""
+    cls = type(record)
+    schema = arrow_schema(cls)
+    fields = dataclasses.fields(cls)
+    id_column = [ID_COLUMNS[cls]] if cls in ID_COLUMNS else []
+    assert schema.names == id_column + [f.name for f in fields] + (["tile_id"] if cls is Tile else [])
+    for name, dtype in [(n, pa.string()) for n in id_column] + ([("tile_id", pa.int64())] if cls is Tile else []):
+        assert schema.field(name).type == dtype and not schema.field(name).nullable
+    hints = typing.get_type_hints(cls)
+    for f in fields:
+        column = schema.field(f.name)
+        assert column.nullable == (type(None) in typing.get_args(hints[f.name])), f.name
+        value = getattr(record, f.name)
+        if value is not None:
+            assert column.type == pa.scalar(value).type, f.name
 
 
 @pytest.mark.parametrize(("cls", "kwargs", "field"), [
