@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -133,6 +134,18 @@ def test_ome_tiff_levels_stored_as_series(tmp_path, real_crop):
         assert r.mpp == pytest.approx((REAL_MPP, REAL_MPP))
         np.testing.assert_array_equal(r.read_region((0, 0), 1, r.level_dimensions[1]), halve(real_crop))
         np.testing.assert_array_equal(r.read_region((0, 0), 2, r.level_dimensions[2]), levels[2])
+
+
+def test_ome_tiff_planar_rgb(tmp_path, real_crop):
+    """Some writers store RGB as one plane per sample (axes SYX); it reads as the same interleaved pixels."""
+    crop = real_crop[:512, :640]
+    path = tmp_path / "planar.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(np.moveaxis(crop, -1, 0), photometric="rgb", planarconfig="separate", tile=(256, 256),
+                 compression="zlib", metadata={"axes": "SYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    with open_slide(path) as r:
+        assert (r.backend, r.dimensions, r.mpp) == ("tifffile", (640, 512), (0.25, 0.25))
+        np.testing.assert_array_equal(r.read_region((0, 0), 0, r.dimensions), crop)
 
 
 def test_czi_scale_in_metres_as_zen_writes_it(tmp_path, real_crop):
