@@ -50,7 +50,7 @@ class BackendEntry:
     target: str
     """``module:Class``."""
     formats: str
-    """What it reads, for help texts."""
+    """What it reads, in words (error messages list it)."""
 
     def load(self) -> type[SlideReader]:
         module, _, cls = self.target.partition(":")
@@ -90,7 +90,8 @@ def open_slide(path: str | Path, reader: str = "auto") -> SlideReader:
     path = Path(path)
     if reader != "auto":
         if reader not in BACKENDS:
-            raise SlideError(f"{path}: unknown slide reader {reader!r}; choose one of {', '.join(READERS)}")
+            choices = "; ".join(f"{b.name} ({b.formats})" for b in BACKENDS.values())
+            raise SlideError(f"{path}: unknown slide reader {reader!r}; choose auto (by content) or one of: {choices}")
         return BACKENDS[reader].load()(path)
     if not path.exists():
         raise SlideError(f"{path}: no such file; check the slide path")
