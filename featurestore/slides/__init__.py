@@ -64,7 +64,7 @@ BACKENDS: dict[str, BackendEntry] = {b.name: b for b in (
     BackendEntry("wsidicom", "featurestore.slides._dicom:WsiDicomReader", "DICOM WSI series"),
     BackendEntry("pylibczirw", "featurestore.slides._czi:CziReader", "Zeiss CZI"),
     BackendEntry("tifffile", "featurestore.slides._ometiff:OmeTiffReader", "OME-TIFF pyramids"),
-    BackendEntry("pillow", "featurestore.slides._image:ImageReader", "PNG and JPEG images (needs --assume-mpp)"),
+    BackendEntry("pillow", "featurestore.slides._image:ImageReader", "PNG and JPEG images, with --assume-mpp"),
 )}
 
 AUTO: dict[Format, tuple[str, ...]] = {
