@@ -64,7 +64,7 @@ class CziReader(SlideReader):
             from pylibCZIrw.czi import CziReader as Reader
         except ImportError as err:
             raise ReaderError(self.path, self.backend, f"pylibCZIrw is not installed ({err})",
-                              "pip install pylibCZIrw") from err
+                              "pip install 'featurestore-path[czi]'") from err
         try:
             self._czi: Any = Reader(str(self.path))
         except Exception as err:  # noqa: BLE001 - libCZI raises RuntimeError and its own bound types.
