@@ -1,7 +1,8 @@
 """Where a teacher's weights come from, how they are read and checked, and their sha256.
 
 Order: an explicit ``weights=`` path; else the Hugging Face cache, then the hub (skipped when
-``HF_HUB_OFFLINE`` is set), with ``HF_TOKEN`` for gated repos; else a file shipped inside an
+``HF_HUB_OFFLINE`` is set), with ``HF_TOKEN`` for gated repos (a ``hub_id`` of ``datasets/<owner>/<name>``
+names a dataset repo, as its web address does); else a file shipped inside an
 installed package; else a plain path. Every failure is one ``ModelError`` line that names the
 model, the reason and the fix.
 """
@@ -26,6 +27,7 @@ from featurestore.schemas.errors import ModelError
 _TORCH_SUFFIXES = (".bin", ".pth", ".pt")
 _WRAPPER_KEYS = ("state_dict", "model")
 _PREFIXES = ("module.", "model.")
+_DATASETS = "datasets/"
 
 
 @dataclass(frozen=True)
@@ -82,15 +84,17 @@ def _from_hub(name: str, repo: str, filename: str) -> WeightsFile:
     token = os.environ.get("HF_TOKEN")
     source = f"hf://{repo}/{filename}"
     fix = f"request access at https://huggingface.co/{repo}, set HF_TOKEN, or pass --weights PATH"
+    repo_type = "dataset" if repo.startswith(_DATASETS) else "model"
+    where = {"repo_id": repo.removeprefix(_DATASETS), "filename": filename, "repo_type": repo_type, "token": token}
     try:
-        return WeightsFile(Path(hf_hub_download(repo, filename, token=token, local_files_only=True)), source)
+        return WeightsFile(Path(hf_hub_download(**where, local_files_only=True)), source)
     except LocalEntryNotFoundError:
         pass
     if _offline():
         raise ModelError(f"{name}: {repo}/{filename} is not in the Hugging Face cache and HF_HUB_OFFLINE "
                          f"is set; download it once online ({fix})")
     try:
-        return WeightsFile(Path(hf_hub_download(repo, filename, token=token)), source)
+        return WeightsFile(Path(hf_hub_download(**where)), source)
     except GatedRepoError as err:
         raise ModelError(f"{name}: {repo} is gated and this token has no access; {fix}") from err
     except RepositoryNotFoundError as err:
