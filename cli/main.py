@@ -207,10 +207,11 @@ def extract(
 
 def _register_subcommands() -> None:
     """Commands of the other packages, each module adding its own (kept out of this file's imports)."""
-    from featurestore.cli import distill, maintenance, search, train, xcohort
+    from featurestore.cli import distill, maintenance, models, search, train, xcohort
 
     distill.register(app)
     maintenance.register(app)
+    models.register(app)
     search.register(app)
     train.register(app)
     xcohort.register(app)
