@@ -5,7 +5,7 @@ The command parses and prints; ``distill.kd`` does the work. ``register(app)`` a
 
 from __future__ import annotations
 
-from enum import StrEnum
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,23 +13,19 @@ import typer
 from rich.table import Table
 
 from featurestore.cli._common import StoreOpt, console, friendly
-
-
-class ObjectiveName(StrEnum):
-    feature = "feature"
-    multi_teacher = "multi-teacher"
-    xmag = "xmag"
-    relational = "relational"
-    logit = "logit"
-    dino = "dino"
-    supervised = "supervised"
-    simsiam = "simsiam"
-
-
-class Distance(StrEnum):
-    cosine = "cosine"
-    mse = "mse"
-    both = "cosine+mse"
+from featurestore.cli._options import (
+    BatchSize,
+    Device,
+    Epochs,
+    Group,
+    Lr,
+    Out,
+    WeightDecay,
+    field_flags,
+    group_column,
+    registry_name,
+)
+from featurestore.distill.schedule import KD
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -65,30 +61,29 @@ def distill_command(
     teacher: Annotated[list[str], typer.Option("--teacher", "-t", help="Embedding set (encoder name, view or set "
                                                                         "id); repeat for several.")],
     student: Annotated[str, typer.Option(help="Any timm architecture, e.g. resnet18, mobilenetv3_small_100.")],
-    objective: Annotated[ObjectiveName, typer.Option(help="Distillation objective.")],
-    out: Annotated[Path, typer.Option(help="New run directory (must not exist or be empty).")],
+    objective: Annotated[str, typer.Option(help=registry_name("Distillation objective"))],
+    out: Out,
     pixels: Annotated[str | None, typer.Option(help="Cached pixels SIZE@MPP the student sees; default the teacher "
                                                     "tiling (xmag: the cached coarser one).")] = None,
     input_size: Annotated[int, typer.Option(help="Student input edge; tiles are resized to it.")] = 112,
-    epochs: Annotated[int, typer.Option(help="Epochs; 0 evaluates the untrained student (a reference).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Tiles per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (cosine schedule).")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
+    epochs: Epochs = KD.epochs,
+    batch_size: BatchSize = KD.batch_size,
+    lr: Lr = KD.lr,
+    weight_decay: WeightDecay = KD.weight_decay,
     tiles_per_slide: Annotated[int, typer.Option(help="Tiles per slide per epoch; 0 for the median slide's.")] = 0,
     holdout: Annotated[float, typer.Option(help="Share of patients held out for evaluation.")] = 0.25,
     downstream_folds: Annotated[int, typer.Option(help="Folds of the downstream ABMIL check, student vs teacher "
                                                   "bags (0: skip).")] = 3,
     label: Annotated[str, typer.Option(help="Slide label broadcast to tiles (probes, logit CE, supervised).")]
     = "label",
-    group: Annotated[str, typer.Option(help="Labels column with the patient; 'none' to split by slide.")]
-    = "patient",
+    group: Group = KD.group,
     teacher_head: Annotated[Path | None, typer.Option(help="logit: linear head file or fs train run dir.")] = None,
     teacher_weight: Annotated[list[float] | None, typer.Option(help="multi-teacher: weight per --teacher.")] = None,
     learned_weights: Annotated[bool, typer.Option(help="multi-teacher: learn the weighting.")] = False,
     cosine: Annotated[float, typer.Option(help="feature: weight of 1 − cosine.")] = 1.0,
     smooth_l1: Annotated[float, typer.Option(help="feature: weight of smooth-L1.")] = 1.0,
     xmag_lambda: Annotated[float, typer.Option(help="xmag: weight λ of the per-sub-tile term.")] = 0.7,
-    xmag_distance: Annotated[Distance, typer.Option(help="xmag: distance of both terms.")] = Distance.both,
+    xmag_distance: Annotated[str, typer.Option(help=registry_name("xmag: distance of both terms"))] = "cosine+mse",
     alpha: Annotated[float, typer.Option(help="logit: weight of CE on weak labels.")] = 0.5,
     tau: Annotated[float, typer.Option(help="logit: temperature.")] = 4.0,
     prototypes: Annotated[int, typer.Option(help="dino: number of fixed prototypes.")] = 64,
@@ -98,7 +93,7 @@ def distill_command(
     raw_targets: Annotated[bool, typer.Option("--raw-targets", help="Do not centre and scale teacher targets.")]
     = False,
     seed: Annotated[int, typer.Option(help="Seed of the split, initialisation and sampling.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    device: Device = KD.device,
     cache_gb: Annotated[float, typer.Option(help="Memory for cached pixels and targets (GiB).")] = 4.0,
     name: Annotated[str | None, typer.Option(help="Encoder name for fs extract; default student:<out name>.")]
     = None,
@@ -109,19 +104,19 @@ def distill_command(
 
     objective_cfg = ObjectiveConfig(cosine=cosine, smooth_l1=smooth_l1, teacher_weights=tuple(teacher_weight or ()),
                                     learned_weights=learned_weights, xmag_lambda=xmag_lambda,
-                                    xmag_distance=xmag_distance.value, alpha=alpha, tau=tau, prototypes=prototypes,
-                                    seed=seed)
-    cfg = DistillConfig(store=store, teachers=tuple(teacher), student=student, objective=objective.value, out=out,
-                        pixels=pixels, input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                        weight_decay=weight_decay, tiles_per_slide=tiles_per_slide, holdout=holdout, label=label,
-                        downstream_folds=downstream_folds, group=None if group.lower() == "none" else group,
-                        seed=seed, device=device,
-                        augment=None if no_augment else Augment(), region=region, teacher_head=teacher_head,
-                        objective_cfg=objective_cfg, cache_gb=cache_gb, standardize=not raw_targets, name=name)
+                                    xmag_distance=xmag_distance, alpha=alpha, tau=tau, prototypes=prototypes, seed=seed)
+    cfg = DistillConfig(store=store, teachers=tuple(teacher), student=student, objective=objective, out=out,
+                        pixels=pixels, input_size=input_size,
+                        schedule=replace(KD, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                         device=device, group=group_column(group)),
+                        tiles_per_slide=tiles_per_slide, holdout=holdout, label=label,
+                        downstream_folds=downstream_folds, seed=seed, augment=None if no_augment else Augment(),
+                        region=region, teacher_head=teacher_head, objective_cfg=objective_cfg, cache_gb=cache_gb,
+                        standardize=not raw_targets, name=name)
     result = distill(cfg, on_progress=lambda line: console.print(line, highlight=False))
     _print_report(result.report)
 
 
 def register(app: typer.Typer) -> None:
     """Add ``distill`` to the ``fs`` app."""
-    app.command("distill")(friendly(distill_command))
+    app.command("distill")(friendly(field_flags(distill_command)))

@@ -5,7 +5,7 @@ The commands parse and print; ``distill`` does the work. ``register(app)`` adds 
 
 from __future__ import annotations
 
-from enum import StrEnum
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,31 +13,25 @@ import typer
 from rich.table import Table
 
 from featurestore.cli._common import StoreOpt, console, friendly
-
-
-class TaskKind(StrEnum):
-    classification = "classification"
-    ordinal = "ordinal"
-    survival = "survival"
-    regression = "regression"
-
-
-class HeadName(StrEnum):
-    mean = "mean"
-    max = "max"
-    abmil = "abmil"
-    transmil = "transmil"
-    clam_sb = "clam-sb"
-
-
-class Loss(StrEnum):
-    ce = "ce"
-    coral = "coral"
-    cumulative = "cumulative"
-    cox = "cox"
-    discrete = "discrete"
-    mse = "mse"
-    huber = "huber"
+from featurestore.cli._options import (
+    BatchSize,
+    Device,
+    Epochs,
+    Folds,
+    Group,
+    Lr,
+    MaxTiles,
+    Out,
+    Patience,
+    Seeds,
+    TaskKind,
+    ValFraction,
+    WeightDecay,
+    field_flags,
+    group_column,
+    registry_name,
+)
+from featurestore.distill.schedule import TRAIN, TRAIN_CV
 
 
 def _print_metrics(result: dict[str, Any], title: str) -> None:
@@ -58,23 +52,23 @@ def train_command(
     store: StoreOpt,
     model: Annotated[str, typer.Option("--model", "-m", help="Embedding set: encoder name, view name or set id.")],
     label: Annotated[str, typer.Option(help="Labels column to learn; for survival, the follow-up time.")],
-    out: Annotated[Path, typer.Option(help="New run directory (must not exist or be empty).")],
-    task: Annotated[TaskKind, typer.Option(help="What the label is.")] = TaskKind.classification,
-    head: Annotated[HeadName, typer.Option(help="MIL head.")] = HeadName.abmil,
+    out: Out,
+    task: TaskKind = "classification",
+    head: Annotated[str, typer.Option(help=registry_name("MIL head"))] = "abmil",
     event: Annotated[str | None, typer.Option(help="Survival: column with 1 = event, 0 = censored.")] = None,
-    loss: Annotated[Loss | None, typer.Option(help="Loss; default ce / coral / cox / mse by task.")] = None,
-    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
-    seeds: Annotated[int, typer.Option(help="Repeats with different splits and initialisations.")] = 1,
-    group: Annotated[str, typer.Option(help="Labels column grouping slides of one patient; 'none' for slides.")]
-    = "patient",
+    loss: Annotated[str | None, typer.Option(help=registry_name("Loss; default ce / coral / cox / mse by task"))]
+    = None,
+    folds: Folds = TRAIN_CV.folds,
+    seeds: Seeds = TRAIN_CV.seeds,
+    group: Group = TRAIN.group,
     split: Annotated[str | None, typer.Option(help="Fixed train/val/test column instead of k-fold.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Share of training patients for model selection.")] = 0.2,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 50,
-    patience: Annotated[int, typer.Option(help="Epochs without validation improvement before stopping.")] = 10,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
-    batch_size: Annotated[int, typer.Option(help="Bags per step (Cox: 16 or more).")] = 8,
-    max_tiles: Annotated[int, typer.Option(help="Random tiles per training bag; 0 for all.")] = 4096,
+    val_fraction: ValFraction = TRAIN_CV.val_fraction,
+    epochs: Epochs = TRAIN.epochs,
+    patience: Patience = TRAIN_CV.patience,
+    lr: Lr = TRAIN.lr,
+    weight_decay: WeightDecay = TRAIN.weight_decay,
+    batch_size: BatchSize = TRAIN.batch_size,
+    max_tiles: MaxTiles = TRAIN_CV.max_tiles or 0,
     hidden: Annotated[int, typer.Option(help="Projection width (GUIDE-US: 1024).")] = 512,
     attention_dim: Annotated[int, typer.Option(help="Attention width (GUIDE-US: 768).")] = 256,
     dropout: Annotated[float, typer.Option(help="Dropout in the head.")] = 0.25,
@@ -85,7 +79,7 @@ def train_command(
     bins: Annotated[int, typer.Option(help="Discrete-time survival intervals.")] = 4,
     threshold: Annotated[int, typer.Option(help="Ordinal: grade >= this is 'positive' for AUROC.")] = 1,
     class_weights: Annotated[bool, typer.Option(help="Inverse-frequency class weights.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    device: Device = TRAIN.device,
     workers: Annotated[int, typer.Option(help="Data-loader worker processes.")] = 0,
     cache_gb: Annotated[float, typer.Option(help="In-memory cache of decoded bags (GiB, per worker).")] = 2.0,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
@@ -102,16 +96,15 @@ def train_command(
 
     cfg = TrainConfig(
         store=store, model=model, out=out,
-        task=TaskSpec(task.value, label, event, loss.value if loss else "", class_weights, bins, threshold),
-        head=HeadConfig(head.value, hidden, attention_dim, dropout, attention_heads, landmarks, k_sample,
-                        instance_weight),
-        folds=folds, seeds=seeds, group=None if group.lower() == "none" else group, split=split,
-        val_fraction=val_fraction, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay,
-        batch_size=batch_size, max_tiles=max_tiles or None, device=device, workers=workers, cache_gb=cache_gb,
-        bootstrap=bootstrap,
-        heatmaps=heatmaps)
+        task=TaskSpec(task, label, event, loss or "", class_weights, bins, threshold),
+        head=HeadConfig(head, hidden, attention_dim, dropout, attention_heads, landmarks, k_sample, instance_weight),
+        schedule=replace(TRAIN, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                         device=device, group=group_column(group)),
+        cv=replace(TRAIN_CV, folds=folds, seeds=seeds, val_fraction=val_fraction, patience=patience,
+                   max_tiles=max_tiles or None),
+        split=split, workers=workers, cache_gb=cache_gb, bootstrap=bootstrap, heatmaps=heatmaps)
     result = train(cfg, on_progress=lambda line: console.print(line, highlight=False))
-    _print_metrics(result.metrics, f"{head.value} · {task.value} · {label}")
+    _print_metrics(result.metrics, f"{head} · {task} · {label}")
     console.print(f"run {result.run_id} written to {result.run_dir}")
 
 
@@ -128,7 +121,7 @@ def eval_command(
 def predict_command(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by fs train.")],
     store: StoreOpt,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Bags per forward pass.")] = 8,
 ) -> None:
     """Apply a run's heads to the store's slides; commit logits, scores and slide embeddings as `predictions`.
@@ -146,6 +139,6 @@ def predict_command(
 
 def register(app: typer.Typer) -> None:
     """Add ``train``, ``eval`` and ``predict`` to the ``fs`` app."""
-    app.command("train")(friendly(train_command))
+    app.command("train")(friendly(field_flags(train_command)))
     app.command("eval")(friendly(eval_command))
-    app.command("predict")(friendly(predict_command))
+    app.command("predict")(friendly(field_flags(predict_command)))

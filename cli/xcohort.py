@@ -5,7 +5,7 @@ The commands parse and print; ``distill.xcohort`` does the work. ``register(app)
 
 from __future__ import annotations
 
-from enum import StrEnum
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -13,14 +13,20 @@ import typer
 from rich.table import Table
 
 from featurestore.cli._common import StoreOpt, console, friendly
-from featurestore.cli.train import TaskKind
-
-
-class Objective(StrEnum):
-    task = "task"
-    triplet = "triplet"
-    clip = "clip"
-    soft = "soft"
+from featurestore.cli._options import (
+    BatchSize,
+    Device,
+    Epochs,
+    Folds,
+    Group,
+    OptionalOut,
+    Seeds,
+    TaskKind,
+    field_flags,
+    group_column,
+    registry_name,
+)
+from featurestore.distill.schedule import AMKD, AMKD_CV, SLIDES, SLIDES_CV
 
 
 def _fmt(v: float) -> str:
@@ -31,9 +37,9 @@ def distill_slides_command(
     store: StoreOpt,
     model: Annotated[str, typer.Option("--model", "-m", help="Student's embedding set in --store.")],
     label: Annotated[str, typer.Option(help="Labels column the student learns.")],
-    task: Annotated[TaskKind, typer.Option(help="What the label is.")] = TaskKind.classification,
-    objective: Annotated[Objective, typer.Option(help="Auxiliary term added to the task loss.")]
-    = Objective.triplet,
+    task: TaskKind = "classification",
+    objective: Annotated[str, typer.Option(help=registry_name("Auxiliary term added to the task loss"))]
+    = "triplet",
     bank_store: Annotated[Path | None, typer.Option(help="Store of the teacher cohort (default --store).")] = None,
     bank: Annotated[str | None, typer.Option(help="SQL returning the bank's `embedding` and label columns.")]
     = None,
@@ -56,18 +62,17 @@ def distill_slides_command(
     sweep_weight: Annotated[list[float] | None, typer.Option(help="Sweep these λ values.")] = None,
     compare: Annotated[bool, typer.Option(help="Also train task-only on the same splits; Wilcoxon over seeds.")]
     = False,
-    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 3,
-    seeds: Annotated[int, typer.Option(help="Repeats with different splits and initialisations.")] = 5,
-    group: Annotated[str, typer.Option(help="Labels column grouping one patient's slides; 'none' for slides.")]
-    = "patient",
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
+    folds: Folds = SLIDES_CV.folds,
+    seeds: Seeds = SLIDES_CV.seeds,
+    group: Group = SLIDES.group,
+    epochs: Epochs = SLIDES.epochs,
     hidden: Annotated[int, typer.Option(help="ABMIL projection width.")] = 128,
     attention_dim: Annotated[int, typer.Option(help="ABMIL attention width.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Bags per step.")] = 8,
+    batch_size: BatchSize = SLIDES.batch_size,
     standardise: Annotated[bool, typer.Option(help="Z-score tiles with the training split's per-feature moments.")]
     = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    out: Annotated[Path | None, typer.Option(help="Run directory for config, metrics and predictions.")] = None,
+    device: Device = SLIDES.device,
+    out: OptionalOut = None,
 ) -> None:
     """Train an ABMIL student with task loss + λ·(triplet | clip | soft) from a teacher bank or ensemble.
 
@@ -93,11 +98,12 @@ def distill_slides_command(
         if bank is None or bank_label is None:
             raise typer.BadParameter("--bank and --bank-label go together")
         spec = BankSpec(bank_store or store, bank, bank_label, bank_secondary, tuple(bin_edge or ()))
-    cfg = SlideDistillConfig(store, model, TaskSpec(task.value, label), objective.value, spec, anchor_label,
+    cfg = SlideDistillConfig(store, model, TaskSpec(task, label), objective, spec, anchor_label,
                              soft_query=soft_query, weight=weight, margin=margin, temperature=temperature, gap=gap,
                              hard_negatives=hard_negatives, head=HeadConfig("abmil", hidden, attention_dim),
-                             folds=folds, seeds=seeds, group=None if group.lower() == "none" else group,
-                             epochs=epochs, batch_size=batch_size, standardise=standardise, device=device)
+                             schedule=replace(SLIDES, epochs=epochs, batch_size=batch_size, device=device,
+                                              group=group_column(group)),
+                             cv=replace(SLIDES_CV, folds=folds, seeds=seeds), standardise=standardise)
     if sweep_margin or sweep_weight:
         rows = sweep(cfg, tuple(sweep_margin or [margin]), tuple(sweep_weight or [weight]))
         view = Table("margin", "λ", *list(rows[0])[2:], title="validation sweep (test folds unused)")
@@ -105,12 +111,12 @@ def distill_slides_command(
             view.add_row(*(_fmt(v) for v in r.values()))
         console.print(view)
         return
-    if compare and objective is not Objective.task:
-        results = compare_objectives(cfg, ("task", objective.value))
+    if compare and objective != "task":
+        results = compare_objectives(cfg, ("task", objective))
         if out is not None:
-            write_run(results[objective.value], out)
+            write_run(results[objective], out)
     else:
-        results = {objective.value: distill_slides(cfg, out)}
+        results = {objective: distill_slides(cfg, out)}
     first = next(iter(results.values()))
     view = Table("seed", *results, title=f"held-out {first.primary} per seed")
     for seed in range(seeds):
@@ -118,10 +124,10 @@ def distill_slides_command(
     view.add_row("mean", *(_fmt(float(np.nanmean(r.primary_per_seed()))) for r in results.values()))
     console.print(view)
     if len(results) == 2:
-        p = wilcoxon_p(results[objective.value].primary_per_seed(), results["task"].primary_per_seed())
-        console.print(f"Wilcoxon signed-rank, {objective.value} vs task over {seeds} seeds: p = {p:.3g}")
+        p = wilcoxon_p(results[objective].primary_per_seed(), results["task"].primary_per_seed())
+        console.print(f"Wilcoxon signed-rank, {objective} vs task over {seeds} seeds: p = {p:.3g}")
     if out is not None:
-        console.print(f"{objective.value} run written to {out}")
+        console.print(f"{objective} run written to {out}")
 
 
 def amkd_command(
@@ -133,30 +139,36 @@ def amkd_command(
     omics_parquet: Annotated[Path | None, typer.Option(help="Parquet of omics features joined by --omics-key.")]
     = None,
     omics_key: Annotated[str, typer.Option(help="Column joining the Parquet rows to the labels.")] = "patient",
+    folds: Folds = AMKD_CV.folds,
+    seeds: Seeds = AMKD_CV.seeds,
+    group: Group = AMKD.group,
     weight: Annotated[float, typer.Option(help="λ: weight of the distillation term.")] = 1.0,
     tau: Annotated[float, typer.Option(help="Disagreement scale of the adaptive weight (risk sds).")] = 1.0,
     omics_dropout: Annotated[float, typer.Option(help="Share of training patients seen without omics.")] = 0.25,
-    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 3,
-    seeds: Annotated[int, typer.Option(help="Repeats with different splits and initialisations.")] = 3,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
-    batch_size: Annotated[int, typer.Option(help="Bags per step (Cox: 16 or more).")] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    epochs: Epochs = AMKD.epochs,
+    batch_size: BatchSize = AMKD.batch_size,
+    device: Device = AMKD.device,
+    out: OptionalOut = None,
 ) -> None:
     """Distil a pathology + omics survival teacher into a pathology-only ABMIL student (docs/amkd.md)."""
     from featurestore.distill.xcohort import AmkdConfig, amkd
 
-    result = amkd(AmkdConfig(store, model, time, event, tuple(omics or ()), omics_parquet, omics_key,
-                             folds=folds, seeds=seeds, epochs=epochs, batch_size=batch_size, weight=weight, tau=tau,
-                             omics_dropout=omics_dropout, device=device))
+    cfg = AmkdConfig(store, model, time, event, tuple(omics or ()), omics_parquet, omics_key,
+                     schedule=replace(AMKD, epochs=epochs, batch_size=batch_size, device=device,
+                                      group=group_column(group)),
+                     cv=replace(AMKD_CV, folds=folds, seeds=seeds), weight=weight, tau=tau, omics_dropout=omics_dropout)
+    result = amkd(cfg, out)
     view = Table("seed", "teacher", "teacher, no omics", "pathology baseline", "distilled student",
                  title="held-out C-index")
     columns = (result.teacher, result.teacher_no_omics, result.baseline, result.student)
     for seed in range(seeds):
         view.add_row(str(seed), *(_fmt(c[seed]) for c in columns))
     console.print(view)
+    if out is not None:
+        console.print(f"run written to {out}")
 
 
 def register(app: typer.Typer) -> None:
     """Add ``distill-slides`` and ``amkd`` to the ``fs`` app."""
-    app.command("distill-slides")(friendly(distill_slides_command))
-    app.command("amkd")(friendly(amkd_command))
+    app.command("distill-slides")(friendly(field_flags(distill_slides_command)))
+    app.command("amkd")(friendly(field_flags(amkd_command)))

@@ -1,14 +1,11 @@
-"""Running heads: device and AMP choice, loaders, batched inference, and checkpoints.
+"""Running heads: loaders, batched inference, and checkpoints.
 
 Shared by training, reports and ``fs predict`` so a head scores a slide the same way everywhere.
-On CUDA, forward passes run under autocast (bfloat16 where supported, else float16 with loss
-scaling in training); losses and the outputs handed back are float32. On CPU nothing is autocast,
-and a fixed seed reproduces a run bit for bit.
+Forward passes autocast as ``featurestore.devices`` decides; the outputs handed back are float32.
 """
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -19,30 +16,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from featurestore.devices import autocast
 from featurestore.distill.data import BagBatch, BagDataset, collate_bags
 from featurestore.distill.errors import RunDirError
 from featurestore.distill.mil import HeadConfig, MILHead, build_head
 from featurestore.distill.tasks import Task, task_from_dict
 
 CHECKPOINT_FORMAT = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; anything else is passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = amp_dtype(device)
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def make_loader(ds: BagDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,

@@ -1,18 +1,14 @@
 """``fs train`` as a Python API: cross-validated MIL heads on cached bags, written to a run directory.
 
 For every (seed, fold): fit the task on the training slides (class weights, bins, scaling), train
-a fresh head with AdamW, keep the weights of the epoch with the lowest validation loss (early
-stopping with patience), and score the test fold once with them. The test fold is never used for
-any choice. The run directory is assembled under a hidden temporary name and renamed when
-complete, so RUN_DIR either holds a whole run or does not exist (a hard kill can leave a hidden
-``.RUN_DIR.partial-*`` behind; an exception or Ctrl-C removes it).
+a fresh head (``distill.fit``: AdamW, the weights of the epoch with the lowest validation task loss,
+early stopping with patience), and score the test fold once with them. The test fold is never used
+for any choice. The run directory is written by ``distill.rundir``: whole or not at all.
 """
 
 from __future__ import annotations
 
-import json
 import platform
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -25,19 +21,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from featurestore.devices import amp_dtype, resolve_device
 from featurestore.distill import report
 from featurestore.distill.data import BagDataset, BagReader, BagSource
-from featurestore.distill.errors import ConfigError, check_new_run_dir
-from featurestore.distill.mil import HeadConfig, MILHead, build_head
-from featurestore.distill.runtime import (
-    amp_dtype,
-    autocast,
-    batches,
-    infer,
-    make_loader,
-    resolve_device,
-    save_checkpoint,
-)
+from featurestore.distill.errors import ConfigError, require
+from featurestore.distill.fit import Loss, fit, head_forward, task_loss_on
+from featurestore.distill.mil import HeadConfig, build_head
+from featurestore.distill.rundir import staged_run, write_json
+from featurestore.distill.runtime import infer, make_loader, save_checkpoint
+from featurestore.distill.schedule import TRAIN, TRAIN_CV, CrossValidation, Schedule
 from featurestore.distill.splits import Split, column_splits, kfold_splits
 from featurestore.distill.tasks import Task, TaskSpec, make_task
 from featurestore.schemas import EmbeddingSet
@@ -50,12 +42,10 @@ Progress = Callable[[str], None]
 class TrainConfig:
     """Everything ``fs train`` accepts; the resolved copy is saved as ``RUN_DIR/config.json``.
 
-    ``group`` is the labels column that keeps a patient's slides together (None: split by slide);
-    ``split`` names a fixed train/val/test column used instead of k-fold. ``max_tiles`` caps the
-    tiles per training bag (a fresh random subset each epoch); validation and test use all tiles.
-    ``val_fraction`` of the training patients form the inner validation split (0: no early
-    stopping, the last epoch is kept). ``cache_gb`` bounds the in-memory cache of decoded bags
-    (per loader worker); 0 reads every bag from the store every time.
+    ``schedule`` and ``cv`` (``distill.schedule``) say how heads are trained and cross-validated;
+    ``schedule.group`` keeps a patient's slides together. ``split`` names a fixed train/val/test column
+    used instead of k-fold. ``cache_gb`` bounds the in-memory cache of decoded bags (per loader
+    worker); 0 reads every bag from the store every time.
     """
 
     store: Path
@@ -63,18 +53,9 @@ class TrainConfig:
     task: TaskSpec
     out: Path
     head: HeadConfig = field(default_factory=HeadConfig)
-    folds: int = 5
-    seeds: int = 1
-    group: str | None = "patient"
+    schedule: Schedule = TRAIN
+    cv: CrossValidation = TRAIN_CV
     split: str | None = None
-    val_fraction: float = 0.2
-    epochs: int = 50
-    patience: int = 10
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    batch_size: int = 8
-    max_tiles: int | None = 4096
-    device: str = "auto"
     workers: int = 0
     cache_gb: float = 2.0
     bootstrap: int = 1000
@@ -83,21 +64,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
         object.__setattr__(self, "out", Path(self.out))
-        checks = [(self.seeds >= 1, "--seeds must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
-                  (self.patience >= 1, "--patience must be >= 1"), (self.batch_size >= 1, "--batch-size must be >= 1"),
-                  (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
-                  (self.max_tiles is None or self.max_tiles >= 1, "--max-tiles must be >= 1"),
-                  (self.lr > 0, "--lr must be > 0"), (self.bootstrap >= 0, "--bootstrap must be >= 0"),
-                  (self.cache_gb >= 0, "--cache-gb must be >= 0"),
-                  (self.workers >= 0 and self.heatmaps >= 0, "--workers and --heatmaps must be >= 0")]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        for name in ("workers", "cache_gb", "bootstrap", "heatmaps"):
+            require(getattr(self, name) >= 0, name, "must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         return out | {"store": str(self.store.resolve()), "out": str(self.out.resolve()),
-                      "task": asdict(self.task), "head": asdict(self.head)}
+                      "task": asdict(self.task), "head": asdict(self.head), "schedule": asdict(self.schedule),
+                      "cv": asdict(self.cv)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,91 +124,39 @@ def load_cohort(store: Store, reader: BagSource, spec: TaskSpec, group: str | No
     return Cohort(slide_ids, groups, labels, int((in_set & ~complete).sum()), len(with_bags - set(labelled)))
 
 
-def fit_head(head: MILHead, task: Task, train_ds: BagDataset, val_ds: BagDataset | None, cfg: TrainConfig,
-             device: torch.device, seed: int) -> tuple[int, list[dict[str, float]]]:
-    """Train ``head`` in place and leave it with its best weights; returns (best epoch, history)."""
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
-    loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
-    val_loader = make_loader(val_ds, cfg.batch_size, workers=cfg.workers) if val_ds is not None else None
-    val_y = torch.from_numpy(val_ds.targets) if val_ds is not None else None
-    best_loss, best_epoch, best_state, waited = float("inf"), cfg.epochs - 1, None, 0
-    history = []
-    for epoch in range(cfg.epochs):
-        train_ds.set_epoch(epoch)
-        head.train()
-        losses = []
-        for batch in batches(loader, device):
-            with autocast(device):
-                out = head(batch.x, batch.mask, batch.coords, task.instance_labels(batch.y))
-            loss = task.loss(out.logits.float(), batch.y)
-            if out.aux_loss is not None:
-                w = head.cfg.instance_weight
-                loss = (1 - w) * loss + w * out.aux_loss.float()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses.append(loss.detach().item())
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses))}
-        if val_loader is not None and val_y is not None:
-            outputs = torch.from_numpy(infer(head, val_loader, device).outputs)
-            row["val_loss"] = float(task.loss(outputs, val_y))
-            if row["val_loss"] < best_loss:
-                best_loss, best_epoch, waited = row["val_loss"], epoch, 0
-                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            else:
-                waited += 1
-        history.append(row)
-        if waited >= cfg.patience:
-            break
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    return best_epoch, history
-
-
 def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
     """Cross-validate a head as configured and write the run directory ``cfg.out``."""
     say = on_progress or (lambda _: None)
-    check_new_run_dir(cfg.out)
-    store = Store.open(cfg.store, read_only=True)
-    es = store.embedding_set(cfg.model)
-    reader = BagReader(store, es, cache_bytes=int(cfg.cache_gb * 2**30))
-    cohort = load_cohort(store, reader, cfg.task, cfg.group, cfg.split)
-    task = make_task(cfg.task, cohort.labels)
-    targets = task.targets(cohort.labels)
-    splits = _splits(cfg, cohort, task, targets)
-    device = resolve_device(cfg.device)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    say(f"{len(cohort.slide_ids)} slides, {len(set(cohort.groups))} patients, {len(splits)} splits on {device}"
-        + (f"; skipped {cohort.missing_label} slides without labels" if cohort.missing_label else ""))
-
-    staging = cfg.out.parent / f".{cfg.out.name}.partial-{run_id}"
-    (staging / "checkpoints").mkdir(parents=True)
-    try:
-        config = _resolved_config(cfg, run_id, es, task, cohort, device)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    with staged_run(cfg.out, run_id) as staging:
+        store = Store.open(cfg.store, read_only=True)
+        es = store.embedding_set(cfg.model)
+        reader = BagReader(store, es, cache_bytes=int(cfg.cache_gb * 2**30))
+        cohort = load_cohort(store, reader, cfg.task, cfg.schedule.group, cfg.split)
+        task = make_task(cfg.task, cohort.labels)
+        targets = task.targets(cohort.labels)
+        splits = _splits(cfg, cohort, task, targets)
+        device = resolve_device(cfg.schedule.device)
+        say(f"{len(cohort.slide_ids)} slides, {len(set(cohort.groups))} patients, {len(splits)} splits on {device}"
+            + (f"; skipped {cohort.missing_label} slides without labels" if cohort.missing_label else ""))
+        (staging / "checkpoints").mkdir()
+        write_json(staging / "config.json", _resolved_config(cfg, run_id, es, task, cohort, device))
         pq.write_table(_splits_table(splits, cohort), staging / "splits.parquet")
         predictions, history = [], []
         for sp in splits:
-            rows, hist = _run_split(sp, cfg, task, targets, cohort, reader, device, staging / "checkpoints")
+            rows, hist, best_epoch = _run_split(sp, cfg, task, targets, cohort, reader, device,
+                                                staging / "checkpoints")
             predictions += rows
             history += hist
             metric = fold_metrics(task, rows)[task.primary]
             say(f"seed {sp.seed} fold {sp.fold}: {len(sp.train)}/{len(sp.val)}/{len(sp.test)} slides, "
-                f"best epoch {hist[-1]['best_epoch']}, test {task.primary} {metric:.3f}")
+                f"best epoch {best_epoch}, test {task.primary} {metric:.3f}")
         table = pa.Table.from_pylist(predictions, schema=report.PREDICTIONS_SCHEMA)
         pq.write_table(table, staging / "predictions.parquet")
         pq.write_table(pa.Table.from_pylist(history), staging / "history.parquet")
         metrics = report.write_report(staging, task, table, n_boot=cfg.bootstrap)
         if cfg.heatmaps:
             report.attention_heatmaps(staging, store, reader, task, table, cfg.heatmaps, device)
-        if cfg.out.exists():
-            cfg.out.rmdir()
-        staging.rename(cfg.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return RunResult(cfg.out, run_id, metrics)
 
 
@@ -257,41 +179,44 @@ def fold_metrics(task: Task, rows: list[dict]) -> dict[str, float]:
 
 
 def _splits(cfg: TrainConfig, cohort: Cohort, task: Task, targets: np.ndarray) -> list[Split]:
-    strata = task.strata(targets)
+    strata, cv = task.strata(targets), cfg.cv
     if cfg.split:
-        return column_splits(cohort.labels.column(cfg.split).to_pylist(), cohort.groups, strata, cfg.seeds,
-                             column=cfg.split, val_fraction=cfg.val_fraction)
-    return kfold_splits(cohort.groups, strata, cfg.folds, cfg.seeds, cfg.val_fraction)
+        return column_splits(cohort.labels.column(cfg.split).to_pylist(), cohort.groups, strata, cv.seeds,
+                             column=cfg.split, val_fraction=cv.val_fraction)
+    return kfold_splits(cohort.groups, strata, cv.folds, cv.seeds, cv.val_fraction)
 
 
 def _run_split(sp: Split, cfg: TrainConfig, task: Task, targets: np.ndarray, cohort: Cohort, reader: BagSource,
-               device: torch.device, checkpoints: Path | None) -> tuple[list[dict], list[dict]]:
+               device: torch.device, checkpoints: Path | None) -> tuple[list[dict], list[dict], int]:
+    """Test-fold prediction rows, per-epoch history rows and the kept epoch of one (seed, fold)."""
     seed = 1000 * sp.seed + sp.fold
     torch.manual_seed(seed)
     fitted = task.fit(targets[sp.train])
     head = build_head(cfg.head, reader.dim, fitted.readout, fitted.n_classes).to(device)
     ids = cohort.slide_ids
+    batch_size = cfg.schedule.batch_size
 
     def dataset(rows: np.ndarray, cap: int | None) -> BagDataset:
         return BagDataset(reader, [ids[r] for r in rows], targets[rows], max_tiles=cap, coords=head.needs_coords,
                           seed=seed)
 
-    val_ds = dataset(sp.val, None) if len(sp.val) else None
-    best_epoch, history = fit_head(head, fitted, dataset(sp.train, cfg.max_tiles), val_ds, cfg, device, seed)
+    validate = (task_loss_on(head, fitted.loss, dataset(sp.val, None), batch_size, device, cfg.workers)
+                if len(sp.val) else None)
+    loss = Loss(head_forward(head, fitted.instance_labels), fitted.loss, head.cfg.instance_weight)
+    result = fit(head, loss, dataset(sp.train, cfg.cv.max_tiles), sp.train, validate, cfg.schedule,
+                 cfg.cv.patience, device, seed, cfg.workers)
     if checkpoints is not None:
         save_checkpoint(checkpoints / f"seed{sp.seed}-fold{sp.fold}.pt", head, fitted, in_dim=reader.dim,
-                        seed=sp.seed, fold=sp.fold, best_epoch=best_epoch, train=[ids[r] for r in sp.train],
+                        seed=sp.seed, fold=sp.fold, best_epoch=result.best_epoch, train=[ids[r] for r in sp.train],
                         val=[ids[r] for r in sp.val], test=[ids[r] for r in sp.test])
-    test_ds = dataset(sp.test, None)
-    outputs = infer(head, make_loader(test_ds, cfg.batch_size, workers=cfg.workers), device).outputs
+    outputs = infer(head, make_loader(dataset(sp.test, None), batch_size, workers=cfg.workers), device).outputs
     scores = fitted.score(outputs)
     labels = cohort.labels.column(cfg.task.label).to_pylist()
     rows = [{"slide_id": ids[r], "group": str(cohort.groups[r]), "seed": sp.seed, "fold": sp.fold,
              "label": str(labels[r]), "y": float(targets[r, 0]), "event": int(targets[r, 1]),
              "logits": outputs[i].tolist(), "score": float(scores[i])} for i, r in enumerate(sp.test)]
-    for h in history:
-        h.update(seed=sp.seed, fold=sp.fold, best_epoch=best_epoch)
-    return rows, history
+    history = [h | {"seed": sp.seed, "fold": sp.fold, "best_epoch": result.best_epoch} for h in result.history]
+    return rows, history, result.best_epoch
 
 
 def _arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

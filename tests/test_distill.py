@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from featurestore.distill.kd.data import CachedTiles, children
 from featurestore.distill.kd.objectives import FeatureKD, Targets, XmagKD
 from featurestore.distill.kd.students import Student, create_student, export_encoder
 from featurestore.distill.kd.train import TeacherPassCounter
+from featurestore.distill.schedule import KD, TRAIN, TRAIN_CV, Schedule
 from featurestore.pipelines.demo import make_cohort
 from featurestore.pipelines.extract import ExtractOptions, PixelSpec, run_extract
 from featurestore.schemas import TilingSpec
@@ -73,10 +75,12 @@ def fs_distill(*args: str) -> tuple[int, str]:
 
 
 def run(store: Path, out: Path, objective: str, **kw) -> dict:
+    settings = FAST | kw
+    schedule = replace(KD, **{f.name: settings.pop(f.name) for f in fields(Schedule) if f.name in settings})
     with pytest.MonkeyPatch.context() as mp:
         refuse_teachers(mp)
-        cfg = DistillConfig(store=store, teachers=kw.pop("teachers", (TEACHER,)), objective=objective, out=out,
-                            measure_speed=False, **(FAST | kw))
+        cfg = DistillConfig(store=store, teachers=settings.pop("teachers", (TEACHER,)), objective=objective, out=out,
+                            measure_speed=False, schedule=schedule, **settings)
         return distill(cfg).report
 
 
@@ -233,8 +237,9 @@ def test_logit_distillation_from_the_heads_of_an_fs_train_run(store_path, tmp_pa
     from featurestore.distill.train import TrainConfig, train
 
     mil = train(TrainConfig(store=store_path, model=TEACHER, task=TaskSpec("classification", "label"),
-                            out=tmp_path / "mil", head=HeadConfig("abmil", hidden=32, attention_dim=16), folds=2,
-                            epochs=2, bootstrap=10, heatmaps=0, device="cpu"))
+                            out=tmp_path / "mil", head=HeadConfig("abmil", hidden=32, attention_dim=16),
+                            schedule=replace(TRAIN, epochs=2, device="cpu"), cv=replace(TRAIN_CV, folds=2),
+                            bootstrap=10, heatmaps=0))
     report = run(store_path, tmp_path / "logit", "logit", teacher_head=mil.run_dir, epochs=1, input_size=32,
                  batch_size=8, tiles_per_slide=8)
     assert set(report["history"]["train_terms"][0]) == {"kl", "ce"}

@@ -7,11 +7,13 @@ well on held-out slides has learned it from real teacher features, not from the 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from featurestore.distill.mil import HeadConfig
 from featurestore.distill.predict import predict, read_predictions
+from featurestore.distill.schedule import TRAIN, TRAIN_CV
 from featurestore.distill.tasks import TaskSpec
 from featurestore.distill.train import TrainConfig, train
 from featurestore.pipelines.demo import make_cohort
@@ -30,8 +32,8 @@ def test_abmil_on_real_teacher_features_classifies_held_out_slides(tmp_path):
     Store.open(store_path).import_labels(cohort.labels_csv)
     run = train(TrainConfig(store=store_path, model="efficientnet-lite0", out=tmp_path / "run",
                             task=TaskSpec(kind="classification", label="label"),
-                            head=HeadConfig(name="abmil", hidden=128, attention_dim=64), folds=2, epochs=30,
-                            device="cpu"))
+                            head=HeadConfig(name="abmil", hidden=128, attention_dim=64),
+                            schedule=replace(TRAIN, epochs=30, device="cpu"), cv=replace(TRAIN_CV, folds=2)))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["summary"]["auroc"]["pooled"] >= 0.9, metrics["summary"]["auroc"]
     predict(tmp_path / "run", store_path, device="cpu")

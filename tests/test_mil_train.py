@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from featurestore.distill.mil import HeadConfig
 from featurestore.distill.predict import predict, read_predictions
 from featurestore.distill.report import cached_thumbnails, cell_size, evaluate_run, heatmap_image
 from featurestore.distill.runtime import load_checkpoint
+from featurestore.distill.schedule import TRAIN, TRAIN_CV, CrossValidation, Schedule
 from featurestore.distill.tasks import TaskSpec
 from featurestore.distill.train import TrainConfig, cross_validate, fold_metrics, load_cohort, train
 from featurestore.schemas import TilingSpec, UnknownEmbeddingSetError
@@ -114,10 +115,12 @@ def survival_cohort(tmp_path_factory) -> Cohort:
 
 
 def config(store: Path, out: Path, head: str = "abmil", task: TaskSpec | None = None, **kw) -> TrainConfig:
-    settings = dict(folds=5, epochs=40, patience=10, lr=2e-3, batch_size=4, bootstrap=200, heatmaps=2)
+    settings = dict(folds=5, epochs=40, patience=10, lr=2e-3, batch_size=4, bootstrap=200, heatmaps=2) | kw
+    schedule, cv = ({f.name: settings.pop(f.name) for f in fields(record) if f.name in settings}
+                    for record in (Schedule, CrossValidation))
     return TrainConfig(store=store, model="synth", task=task or TaskSpec("classification", "label"), out=out,
                        head=HeadConfig(head, hidden=32, attention_dim=16, heads=4, dropout=0.1),
-                       **(settings | kw))
+                       schedule=replace(TRAIN, **schedule), cv=replace(TRAIN_CV, **cv), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +189,7 @@ def test_cross_validate_on_bags_in_memory_matches_fs_train_on_the_store(cohort, 
     reader = BagReader(store, store.embedding_set("synth"))
     in_memory = ArrayBags("copy", {s: reader.features(s) for s in reader.slide_ids},
                           {s: reader.xy(s) for s in reader.slide_ids})
-    task, rows = cross_validate(cfg, in_memory, load_cohort(store, in_memory, cfg.task, cfg.group, None),
+    task, rows = cross_validate(cfg, in_memory, load_cohort(store, in_memory, cfg.task, cfg.schedule.group, None),
                                  torch.device("cpu"))
     rows.sort(key=lambda r: (r["fold"], r["slide_id"]))
     assert [r["slide_id"] for r in rows] == stored.column("slide_id").to_pylist()
@@ -288,7 +291,7 @@ def test_cohort_problems_are_one_line_errors(cohort, tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(RunDirError, match="a-file: is a file"):
         train(config(cohort.store, tmp_path / "a-file"))
-    with pytest.raises(ConfigError, match="--batch-size"):
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         config(cohort.store, tmp_path / "a", batch_size=0)
 
 

@@ -20,6 +20,7 @@ the validation patients, whose teacher risks are out of sample (docs/amkd.md).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from typer.testing import CliRunner
 
 from featurestore.cli.xcohort import register
 from featurestore.distill.errors import ConfigError
+from featurestore.distill.schedule import AMKD, AMKD_CV
 from featurestore.distill.xcohort import AmkdConfig, amkd, wilcoxon_p
 from featurestore.schemas import TilingSpec
 from featurestore.store import SlideCommit, Store, tiles_table
@@ -76,7 +78,7 @@ def survival_store(tmp_path_factory) -> Path:
 
 def test_distilled_student_beats_pathology_baseline_and_teacher_falls_back(survival_store):
     result = amkd(AmkdConfig(survival_store, "synth", "months", "event", ("gene_a", "gene_b", "gene_c"),
-                             seeds=5, epochs=30))
+                             schedule=replace(AMKD, epochs=30), cv=replace(AMKD_CV, seeds=5)))
     p = wilcoxon_p(np.array(result.student), np.array(result.baseline))
     print(f"\nC-index per seed: teacher {np.round(result.teacher, 3)}, teacher without omics "
           f"{np.round(result.teacher_no_omics, 3)}, baseline {np.round(result.baseline, 3)}, "
@@ -95,7 +97,7 @@ def test_omics_from_a_parquet_file_and_missing_rows(survival_store, tmp_path):
     half = patients.slice(0, patients.num_rows // 2)
     pq.write_table(pa.table({"patient": half.column("patient"), "g": half.column("gene_a")}), tmp_path / "o.parquet")
     result = amkd(AmkdConfig(survival_store, "synth", "months", "event", omics_parquet=tmp_path / "o.parquet",
-                             folds=2, epochs=2))
+                             schedule=replace(AMKD, epochs=2), cv=replace(AMKD_CV, folds=2)))
     assert len(result.student) == 1 and np.isfinite(result.student[0])
 
 

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from featurestore.cli.xcohort import register
 from featurestore.distill.errors import ConfigError
+from featurestore.distill.schedule import SLIDES, SLIDES_CV
 from featurestore.distill.tasks import TaskSpec
 from featurestore.distill.xcohort import (
     BankSpec,
@@ -73,10 +74,11 @@ def cohorts(tmp_path_factory) -> Cohorts:
     return Cohorts(stores["a"], stores["b"])
 
 
-def config(cohorts: Cohorts, **kw) -> SlideDistillConfig:
+def config(cohorts: Cohorts, *, epochs: int = 30, **cv) -> SlideDistillConfig:
     bank = BankSpec(cohorts.a, BANK_SQL, "grade")
     return SlideDistillConfig(cohorts.b, "test/tiny-cnn", TaskSpec("classification", "high_grade"), bank=bank,
-                              anchor_label="grade", **{"epochs": 30, **kw})
+                              anchor_label="grade", schedule=replace(SLIDES, epochs=epochs),
+                              cv=replace(SLIDES_CV, **cv))
 
 
 def test_bank_from_another_store_by_sql(cohorts):
@@ -133,7 +135,7 @@ def test_soft_labels_hard_negatives_sweep_and_cli(cohorts, tmp_path):
     rows = sweep(base, (0.1, 0.3), (0.5,))
     assert [(r["margin"], r["weight"]) for r in rows] == [(0.1, 0.5), (0.3, 0.5)]
 
-    teacher = distill_slides(replace(base, objective="task", seeds=2))
+    teacher = distill_slides(replace(base, objective="task", cv=replace(base.cv, seeds=2)))
     table = teacher.predictions
     predictions = pa.table({
         "run_id": ["teachers"] * table.num_rows, "slide_id": table.column("slide_id"),

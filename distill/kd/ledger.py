@@ -78,7 +78,7 @@ def ledger(cfg: DistillConfig, cost: dict[str, Any], target_tiles: int, train_se
     gflops = [cost["teacher"]["flops_by_teacher"][n] for n in cfg.teachers]
     training_targets = cfg.objective not in BASELINES
     return {"teacher_forward_passes": None, "wall_seconds": None, "train_seconds": train_seconds,
-            "epochs": cfg.epochs, "target_tiles": target_tiles if training_targets else 0,
+            "epochs": cfg.schedule.epochs, "target_tiles": target_tiles if training_targets else 0,
             "views_per_target": 1,
             "teacher_flops_avoided": (sum(gflops) * target_tiles if training_targets and None not in gflops
                                       else None)}

@@ -1,7 +1,7 @@
 """One pass of the student over a plan of cached batches, training or measuring, and what it needs.
 
-On CUDA the student runs under autocast (bfloat16, else float16 with loss scaling); on CPU a fixed
-seed reproduces a pass bit for bit.
+On CUDA the student runs under ``featurestore.devices``' autocast (bfloat16, else float16 with loss
+scaling); on CPU a fixed seed reproduces a pass bit for bit.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featurestore.distill.errors import ConfigError
+from featurestore.devices import autocast
 from featurestore.distill.kd.config import DistillConfig
 from featurestore.distill.kd.data import DIHEDRAL_VIEWS, Batch, CachedTiles, dihedral_each, to_student
 from featurestore.distill.kd.objectives import Objective, StudentOutput, Targets
@@ -45,21 +45,6 @@ class TargetScaling:
             out.weight.copy_(linear.weight * self.scale[name])
             out.bias.copy_(self.unscale(name, linear.bias))
         return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    return device
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _targets(batch: Batch, teacher_head: nn.Module | None, primary: str, scaling: TargetScaling | None,
@@ -118,14 +103,13 @@ def run_pass(student: Student, objective: Objective, data: CachedTiles, plan: li
     student.train(training)
     objective.train(training)
     generator = torch.Generator().manual_seed(seed)
-    amp = amp_dtype(device)
     augment = cfg.augment if training else None
     projection = objective.export_projection()
     result = PassResult()
     for batch in data.iterate(plan, augment=augment, seed=seed):
         batch = batch.to(device)
         x = to_student(batch.pixels, student.spec.mean, student.spec.std, augment=augment, generator=generator)
-        with torch.set_grad_enabled(training), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with torch.set_grad_enabled(training), autocast(device):
             out = student(x)
             second = None
             if objective.views == 2:

@@ -6,19 +6,21 @@ Held-out slides are only measured here, never used for any choice; the scores th
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from featurestore.devices import autocast
 from featurestore.distill.data import ArrayBags, BagReader
 from featurestore.distill.errors import ConfigError
 from featurestore.distill.kd import evaluate as E
 from featurestore.distill.kd.config import DistillConfig, Progress
 from featurestore.distill.kd.data import CachedTiles, sequential_plan, to_student
-from featurestore.distill.kd.loop import amp_dtype, primary_target
+from featurestore.distill.kd.loop import primary_target
 from featurestore.distill.kd.students import StudentSpec
+from featurestore.distill.schedule import TRAIN, TRAIN_CV
 from featurestore.distill.tasks import TaskSpec
 from featurestore.distill.train import TrainConfig, cross_validate, fold_metrics, load_cohort
 from featurestore.encoders.student import StudentEncoder
@@ -32,11 +34,10 @@ def embed(encoder: StudentEncoder, data: CachedTiles, plan: list[np.ndarray], sp
     tiles (no augmentation)."""
     encoder.eval()
     emb, teacher, labels, slides = [], [], [], []
-    amp = amp_dtype(device)
     for batch in data.iterate(plan, augment=None, seed=0):
         batch = batch.to(device)
         x = to_student(batch.pixels, spec.mean, spec.std, augment=None, generator=torch.Generator())
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with torch.inference_mode(), autocast(device):
             emb.append(encoder(x).float().cpu().numpy())
         if primary is not None:
             teacher.append(primary_target(batch, primary).float().cpu().numpy())
@@ -99,15 +100,16 @@ def downstream(encoder: StudentEncoder, spec: StudentSpec, store: Store, teacher
         return {"skipped": "--downstream-folds 0" if cfg.label else "no --label"}
     tiles = CachedTiles(store, [teacher], pixel_tiling, slide_ids, labels, input_size=cfg.input_size,
                         cache_bytes=int(cfg.cache_gb * 2**30))
-    emb = embed(encoder, tiles, sequential_plan(tiles.n_tiles, cfg.batch_size), spec, device, None)[0]
+    emb = embed(encoder, tiles, sequential_plan(tiles.n_tiles, cfg.schedule.batch_size), spec, device, None)[0]
     bags = np.split(emb, np.cumsum(tiles.n_tiles)[:-1])
     student_bags = ArrayBags(cfg.name or f"student:{cfg.out.name}", dict(zip(slide_ids, bags, strict=True)),
                              dict(zip(slide_ids, tiles.xy, strict=True)))
     train_cfg = TrainConfig(store=cfg.store, model=teacher.encoder_name, task=TaskSpec("classification", cfg.label),
-                            out=cfg.out, folds=cfg.downstream_folds, group=cfg.group, device=cfg.device,
-                            cache_gb=cfg.cache_gb, bootstrap=0, heatmaps=0)
+                            out=cfg.out, schedule=replace(TRAIN, device=cfg.schedule.device, group=cfg.schedule.group),
+                            cv=replace(TRAIN_CV, folds=cfg.downstream_folds), cache_gb=cfg.cache_gb, bootstrap=0,
+                            heatmaps=0)
     try:
-        cohort = load_cohort(store, student_bags, train_cfg.task, cfg.group, None)
+        cohort = load_cohort(store, student_bags, train_cfg.task, cfg.schedule.group, None)
         out: dict[str, Any] = {"task": f"classification of {cfg.label!r}", "head": train_cfg.head.name,
                                "folds": cfg.downstream_folds, "slides": len(cohort.slide_ids)}
         for who, bags in (("student", student_bags), ("teacher", BagReader(store, teacher))):

@@ -1,16 +1,13 @@
-"""Writing a distillation run directory: staged under a temporary name, renamed when complete.
+"""What a distillation run directory holds besides its report: the student's weights and the config.
 
-A run that dies leaves no half-written ``RUN_DIR`` behind: ``fs extract --model student:RUN_DIR``
-must never find weights without the config and report that say how they were made.
+The directory is staged by ``distill.rundir``, so a run that dies leaves no half-written ``RUN_DIR``
+behind: ``fs extract --model student:RUN_DIR`` must never find weights without the config and report
+that say how they were made.
 """
 
 from __future__ import annotations
 
-import json
 import platform
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +17,9 @@ from safetensors.torch import save_file
 from featurestore.distill.kd.config import DistillConfig
 from featurestore.distill.kd.objectives import Objective
 from featurestore.distill.kd.students import StudentSpec, save_student
+from featurestore.distill.rundir import write_json
 from featurestore.encoders.student import StudentEncoder
 from featurestore.schemas import TilingSpec
-
-
-@contextmanager
-def staged_run_dir(out: Path, run_id: str) -> Iterator[Path]:
-    """A new folder beside ``out`` that becomes ``out`` when the block completes; removed if the block raises."""
-    staging = out.parent / f".{out.name}.partial-{run_id}"
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def save_weights(run_dir: Path, encoder: StudentEncoder, spec: StudentSpec, objective: Objective, *, name: str,
@@ -50,5 +33,5 @@ def save_weights(run_dir: Path, encoder: StudentEncoder, spec: StudentSpec, obje
 
 def write_config(run_dir: Path, cfg: DistillConfig, resolved: dict[str, Any]) -> None:
     """``config.json``: the configuration, what the run resolved from it, and the library versions."""
-    config = cfg.to_dict() | resolved | {"python": platform.python_version(), "torch": torch.__version__}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+    write_json(run_dir / "config.json",
+               cfg.to_dict() | resolved | {"python": platform.python_version(), "torch": torch.__version__})

@@ -8,7 +8,7 @@ Slides are split once, by patient (``group``) and stratified by label, into trai
 held-out slides (``distill.kd.cohort``); the held-out slides are only measured
 (``distill.kd.measure``) — never used for any choice — and the last epoch's weights are kept.
 Each epoch is a training pass and a held-out pass of ``distill.kd.loop.run_pass``. The run
-directory is written under a temporary name and renamed when complete (``distill.kd.rundir``).
+directory is staged by ``distill.rundir`` and renamed when complete.
 """
 
 from __future__ import annotations
@@ -25,18 +25,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from featurestore.distill.errors import ConfigError, check_new_run_dir
+from featurestore.devices import grad_scaler, resolve_device
+from featurestore.distill.errors import ConfigError
 from featurestore.distill.kd.cohort import cohort_slides, heldout_split, pixel_tiling, teacher_tiling, weak_labels
 from featurestore.distill.kd.config import DistillConfig, DistillResult, Progress
 from featurestore.distill.kd.data import CachedTiles, SlideBalancedSampler, sequential_plan
 from featurestore.distill.kd.heads import load_teacher_head
 from featurestore.distill.kd.ledger import TeacherPassCounter, cost, ledger
-from featurestore.distill.kd.loop import TargetScaling, amp_dtype, resolve_device, run_pass
+from featurestore.distill.kd.loop import TargetScaling, run_pass
 from featurestore.distill.kd.measure import against_teacher, downstream
 from featurestore.distill.kd.objectives import Objective, build_objective
 from featurestore.distill.kd.report import write_report
-from featurestore.distill.kd.rundir import save_weights, staged_run_dir, write_config
+from featurestore.distill.kd.rundir import save_weights, write_config
 from featurestore.distill.kd.students import Student, create_student, export_encoder
+from featurestore.distill.rundir import staged_run
 from featurestore.store import Store
 
 
@@ -44,9 +46,8 @@ def distill(cfg: DistillConfig, on_progress: Progress | None = None) -> DistillR
     """Train a student as configured and write the run directory ``cfg.out`` (see the module docstring)."""
     say = on_progress or (lambda _: None)
     started = time.perf_counter()
-    check_new_run_dir(cfg.out)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    with staged_run_dir(cfg.out, run_id) as staging:
+    with staged_run(cfg.out, run_id) as staging:
         with TeacherPassCounter() as passes:
             report = _distill(cfg, staging, run_id, say)
         report["ledger"]["teacher_forward_passes"] = passes.count
@@ -62,14 +63,14 @@ def _distill(cfg: DistillConfig, run_dir: Path, run_id: str, say: Progress) -> d
     teachers_on = teacher_tiling(store, sets)
     pixels = pixel_tiling(store, teachers_on, cfg)
     slide_ids = cohort_slides(store, cfg.teachers, sets, pixels)
-    labels, classes, groups = weak_labels(store, cfg.label, cfg.group, slide_ids)
+    labels, classes, groups = weak_labels(store, cfg.label, cfg.schedule.group, slide_ids)
     needs_labels = cfg.objective in ("supervised", "logit") and (cfg.objective == "supervised"
                                                                  or cfg.objective_cfg.alpha > 0)
     if needs_labels and len(classes) < 2:
         raise ConfigError(f"{store.root}: objective {cfg.objective} needs a label column with two or more classes; "
                           f"--label {cfg.label!r} has {len(classes)}; import labels or pass --label COLUMN")
     train_ids, heldout_ids = heldout_split(slide_ids, groups, labels, cfg.holdout, cfg.split_seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.schedule.device)
     region = cfg.region if cfg.objective == "relational" else 1
     budget = int(cfg.cache_gb * 2**30)
     train = CachedTiles(store, sets, pixels, train_ids, labels, input_size=cfg.input_size, region=region,
@@ -90,7 +91,7 @@ def _distill(cfg: DistillConfig, run_dir: Path, run_id: str, say: Progress) -> d
     teacher_head = load_teacher_head(cfg.teacher_head, sets[0].embed_dim).to(device) if cfg.teacher_head else None
     student.to(device, memory_format=torch.channels_last)
     objective.to(device)
-    units_per_batch = max(1, cfg.batch_size // region**2)
+    units_per_batch = max(1, cfg.schedule.batch_size // region**2)
     fit = _fit(student, objective, train, heldout, units_per_batch, cfg=cfg, device=device, teacher_head=teacher_head,
                primary=primary, say=say)
 
@@ -131,26 +132,27 @@ class _Fit:
 def _fit(student: Student, objective: Objective, train: CachedTiles, heldout: CachedTiles, units_per_batch: int, *,
          cfg: DistillConfig, device: torch.device, teacher_head: nn.Module | None, primary: str,
          say: Progress) -> _Fit:
-    """``cfg.epochs`` epochs of AdamW under linear warm-up and cosine decay, each followed by a held-out pass."""
+    """``schedule.epochs`` epochs of AdamW under linear warm-up and cosine decay, each followed by a held-out pass."""
     counts = [len(u) for u in train.units]
     per_slide = cfg.tiles_per_slide or int(np.median(counts))
     sampler = SlideBalancedSampler(counts, per_slide, units_per_batch,
                                    sizes=[train.slide_bytes(i) for i in range(len(train.slide_ids))],
                                    budget=int(cfg.cache_gb * 2**30), seed=cfg.seed)
-    steps = max(1, cfg.epochs * len(sampler.epoch(0)))
+    schedule = cfg.schedule
+    steps = max(1, schedule.epochs * len(sampler.epoch(0)))
     params = [*student.parameters(), *objective.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
     warmup = max(1, steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
                                                   * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
+    scaler = grad_scaler(device)
     eval_plan = sequential_plan([len(u) for u in heldout.units], units_per_batch)
     history: dict[str, list] = {"train_loss": [], "heldout_loss": [], "heldout_cosine": [], "train_terms": []}
     target_tiles = 0
     started = time.perf_counter()
     scaling = TargetScaling({n: train.target_stats(n) for n in train.names}, device) if cfg.standardize else None
     common = {"cfg": cfg, "device": device, "teacher_head": teacher_head, "primary": primary, "scaling": scaling}
-    for epoch in range(cfg.epochs):
+    for epoch in range(schedule.epochs):
         trained = run_pass(student, objective, train, sampler.epoch(epoch), optimizer=optimizer, scheduler=scheduler,
                        scaler=scaler, seed=cfg.seed * 100003 + epoch, **common)
         target_tiles += trained.targets
@@ -160,5 +162,5 @@ def _fit(student: Student, objective: Objective, train: CachedTiles, heldout: Ca
         history["heldout_loss"].append(check.loss)
         history["heldout_cosine"].append(check.cosine)
         cos = "" if check.cosine is None else f", held-out cosine {check.cosine:.3f}"
-        say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {trained.loss:.4f}, held-out loss {check.loss:.4f}{cos}")
+        say(f"epoch {epoch + 1}/{schedule.epochs}: train loss {trained.loss:.4f}, held-out loss {check.loss:.4f}{cos}")
     return _Fit(history, target_tiles, time.perf_counter() - started, scaling)

@@ -13,29 +13,37 @@ Student: an ABMIL head (``distill.mil``) on the same bags, trained with Cox + λ
 its batch-standardised risk to the teacher's and its projected slide embedding to the teacher's,
 per patient weighted by ``adaptive_weights`` (docs/amkd.md): distillation is reduced where teacher
 and student disagree most. λ = 0 is the pathology-only baseline, on identical splits and initialisation.
-Every model keeps the epoch where its own objective is lowest on the validation patients. For the
-student that includes KD towards the teacher's outputs there (the teacher never trained on them), a
-far steadier guide than the Cox loss of a dozen patients, which alone let some splits keep epoch 0.
+Every model is trained by ``distill.fit`` and keeps the epoch where its own objective is lowest on the
+validation patients, seen together as one batch. For the student that includes KD towards the
+teacher's outputs there (the teacher never trained on them), a far steadier guide than the Cox loss of
+a dozen patients, which alone let some splits keep epoch 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featurestore.devices import autocast, resolve_device
 from featurestore.distill import metrics as M
 from featurestore.distill.data import BagBatch, BagDataset, BagReader
-from featurestore.distill.errors import ConfigError
+from featurestore.distill.errors import ConfigError, require
+from featurestore.distill.fit import Loss, fit, head_forward, loss_on
 from featurestore.distill.mil import HeadConfig, build_head
 from featurestore.distill.mil.base import GatedAttention, HeadOutput, masked_softmax, projection
-from featurestore.distill.runtime import batches, make_loader, resolve_device
+from featurestore.distill.rundir import staged_run, write_json
+from featurestore.distill.runtime import batches, make_loader
+from featurestore.distill.schedule import AMKD, AMKD_CV, CrossValidation, Schedule
 from featurestore.distill.splits import Split, kfold_splits
 from featurestore.distill.tasks import Task, TaskSpec, make_task
 from featurestore.distill.train import Cohort, load_cohort
@@ -94,6 +102,10 @@ class OmicsGuidedMIL(nn.Module):
         return HeadOutput(self.readout(z), z, a)
 
 
+MODELS = ("teacher", "teacher_no_omics", "baseline", "student")
+"""What every split trains and scores, in ``AmkdResult``'s order."""
+
+
 @dataclass(frozen=True)
 class AmkdConfig:
     """Survival from ``time`` / ``event`` columns; omics are the labels columns ``omics`` or, with
@@ -101,7 +113,8 @@ class AmkdConfig:
 
     ``weight`` is λ, ``tau`` the disagreement scale of the adaptive weight (in risk standard
     deviations), ``omics_dropout`` the share of training patients whose omics the teacher sees as
-    missing, so its fallback is trained.
+    missing, so its fallback is trained. ``schedule`` and ``cv`` (``distill.schedule``) apply to the
+    teacher, the baseline and the student alike.
     """
 
     store: Path
@@ -112,44 +125,38 @@ class AmkdConfig:
     omics_parquet: Path | None = None
     omics_key: str = "patient"
     head: HeadConfig = field(default_factory=lambda: HeadConfig("abmil", hidden=64, attention_dim=32))
-    folds: int = 3
-    seeds: int = 1
-    group: str | None = "patient"
-    val_fraction: float = 0.2
-    epochs: int = 40
-    patience: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 16
-    max_tiles: int | None = 256
+    schedule: Schedule = AMKD
+    cv: CrossValidation = AMKD_CV
     weight: float = 1.0
     tau: float = 1.0
     omics_dropout: float = 0.25
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
         object.__setattr__(self, "omics", tuple(self.omics))
         if not self.omics and self.omics_parquet is None:
             raise ConfigError("the teacher needs omics: pass --omics COLUMN (repeatable) or --omics-parquet FILE")
-        checks = [(self.weight >= 0, "--weight must be >= 0"), (self.tau > 0, "--tau must be > 0"),
-                  (0 <= self.omics_dropout < 1, "--omics-dropout must be in [0, 1)"),
-                  (self.batch_size >= 4, "--batch-size must be >= 4 (Cox compares patients in a batch)"),
-                  (self.seeds >= 1 and self.epochs >= 1 and self.patience >= 1, "seeds, epochs, patience >= 1")]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(self.weight >= 0, "weight", "must be >= 0")
+        require(self.tau > 0, "tau", "must be > 0")
+        require(0 <= self.omics_dropout < 1, "omics_dropout", "must be in [0, 1)")
+        self.schedule.require_batch(4, "Cox compares the patients of a batch")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"store": str(self.store), "omics": list(self.omics),
+                               "omics_parquet": None if self.omics_parquet is None else str(self.omics_parquet)}
 
 
 @dataclass(frozen=True, eq=False)
 class AmkdResult:
     """Per seed, the C-index on the pooled test folds of: the teacher with omics, the teacher with every
-    test patient's omics removed, the pathology-only baseline and the distilled student."""
+    test patient's omics removed, the pathology-only baseline and the distilled student; ``predictions``
+    holds every model's held-out risk per slide (slide_id, group, seed, fold, model, time, event, risk)."""
 
     teacher: list[float]
     teacher_no_omics: list[float]
     baseline: list[float]
     student: list[float]
+    predictions: pa.Table
 
 
 def read_omics(cfg: AmkdConfig, store: Store, cohort: Cohort) -> np.ndarray:
@@ -177,36 +184,52 @@ def read_omics(cfg: AmkdConfig, store: Store, cohort: Cohort) -> np.ndarray:
     return np.array([by_key.get(str(k), blank) for k in cohort.labels.column(cfg.omics_key).to_pylist()])
 
 
-def amkd(cfg: AmkdConfig) -> AmkdResult:
-    """Cross-validate teacher, baseline and distilled student on the same patient-grouped splits."""
+def amkd(cfg: AmkdConfig, out: Path | None = None) -> AmkdResult:
+    """Cross-validate teacher, baseline and distilled student on the same patient-grouped splits; with
+    ``out``, write the run directory: ``config.json``, ``metrics.json`` (C-index per seed of each model)
+    and ``predictions.parquet``."""
+    if out is None:
+        return _amkd(cfg)
+    with staged_run(Path(out)) as staging:
+        result = _amkd(cfg)
+        c_index = {name: getattr(result, name) for name in MODELS}
+        write_json(staging / "config.json", cfg.to_dict())
+        write_json(staging / "metrics.json", {"primary": "c_index", "c_index": c_index,
+                                              "mean": {name: float(np.nanmean(c)) for name, c in c_index.items()}})
+        pq.write_table(result.predictions, staging / "predictions.parquet")
+    return result
+
+
+def _amkd(cfg: AmkdConfig) -> AmkdResult:
     store = Store.open(cfg.store, read_only=True)
     reader = BagReader(store, store.embedding_set(cfg.model), cache_bytes=2**30)
-    cohort = load_cohort(store, reader, TaskSpec("survival", cfg.time, event=cfg.event), cfg.group, None)
+    cohort = load_cohort(store, reader, TaskSpec("survival", cfg.time, event=cfg.event), cfg.schedule.group, None)
     task = make_task(TaskSpec("survival", cfg.time, event=cfg.event), cohort.labels)
     targets = task.targets(cohort.labels)
     omics = read_omics(cfg, store, cohort)
-    device = resolve_device(cfg.device)
-    out: dict[str, list[np.ndarray]] = {"teacher": [], "teacher_no_omics": [], "baseline": [], "student": []}
-    splits = kfold_splits(cohort.groups, task.strata(targets), cfg.folds, cfg.seeds, cfg.val_fraction)
-    for sp in splits:
-        risks = _run_split(cfg, sp, task, targets, omics, cohort, reader, device)
-        for name, r in risks.items():
-            out[name].append(np.stack([sp.test.astype(np.float64), np.full(len(r), sp.seed), r], 1))
-    return AmkdResult(*(_c_per_seed(np.concatenate(out[k]), targets, cfg.seeds)
-                        for k in ("teacher", "teacher_no_omics", "baseline", "student")))
+    device = resolve_device(cfg.schedule.device)
+    rows: list[dict] = []
+    for sp in kfold_splits(cohort.groups, task.strata(targets), cfg.cv.folds, cfg.cv.seeds, cfg.cv.val_fraction):
+        for name, risk in _run_split(cfg, sp, task, targets, omics, cohort, reader, device).items():
+            rows += [{"slide_id": cohort.slide_ids[r], "group": str(cohort.groups[r]), "seed": sp.seed,
+                      "fold": sp.fold, "model": name, "time": float(targets[r, 0]), "event": int(targets[r, 1]),
+                      "risk": float(risk[i])} for i, r in enumerate(sp.test)]
+    table = pa.Table.from_pylist(rows)
+    return AmkdResult(*(_c_per_seed(table.filter(pc.equal(table["model"], name)), cfg.cv.seeds)
+                        for name in MODELS), table)
 
 
-def _c_per_seed(rows: np.ndarray, targets: np.ndarray, seeds: int) -> list[float]:
+def _c_per_seed(rows: pa.Table, seeds: int) -> list[float]:
     result = []
     for seed in range(seeds):
-        mine = rows[rows[:, 1] == seed]
-        idx = mine[:, 0].astype(int)
-        result.append(M.c_index(targets[idx, 0], targets[idx, 1], mine[:, 2]))
+        mine = rows.filter(pc.equal(rows["seed"], seed))
+        result.append(M.c_index(*(mine[c].to_numpy() for c in ("time", "event", "risk"))))
     return result
 
 
 def _run_split(cfg: AmkdConfig, sp: Split, task: Task, targets: np.ndarray, omics: np.ndarray, cohort: Cohort,
                reader: BagReader, device: torch.device) -> dict[str, np.ndarray]:
+    """Each model's risk on the test slides of one (seed, fold), by ``MODELS`` name."""
     seed = 1000 * sp.seed + sp.fold
     fitted = task.fit(targets[sp.train])
     mean = np.nanmean(omics[sp.train], 0)
@@ -220,7 +243,12 @@ def _run_split(cfg: AmkdConfig, sp: Split, task: Task, targets: np.ndarray, omic
         return BagDataset(reader, [ids[r] for r in rows], targets[rows], max_tiles=cap, seed=seed)
 
     every = np.arange(len(ids))
-    train_ds, val_ds = dataset(sp.train, cfg.max_tiles), dataset(sp.val, None) if len(sp.val) else None
+    train_ds, val_ds = dataset(sp.train, cfg.cv.max_tiles), dataset(sp.val, None) if len(sp.val) else None
+
+    def train(model: nn.Module, loss: Loss) -> None:
+        validate = loss_on(loss, val_ds, sp.val, device) if val_ds is not None else None
+        fit(model, loss, train_ds, sp.train, validate, cfg.schedule, cfg.cv.patience, device, seed)
+
     torch.manual_seed(seed)
     teacher = OmicsGuidedMIL(dim, omics.shape[1], fitted.readout, cfg.head).to(device)
     drop = np.random.default_rng(seed)
@@ -233,11 +261,11 @@ def _run_split(cfg: AmkdConfig, sp: Split, task: Task, targets: np.ndarray, omic
             o[:] = float("nan")
         return teacher(b.x, b.mask, o.to(device))
 
-    _fit(teacher, lambda b, rows, training: fitted.loss(teacher_out(b, rows, training).logits, b.y), train_ds,
-         sp.train, val_ds, sp.val, cfg, device, seed)
-    t_risk, t_emb = _outputs(lambda b, rows: teacher_out(b, rows, False), dataset(every, None), every, cfg, device)
+    train(teacher, Loss(teacher_out, fitted.loss))
+    t_risk, t_emb = _outputs(lambda b, rows: teacher_out(b, rows, False), dataset(every, None), every,
+                             cfg.schedule.batch_size, device)
     no_omics, _ = _outputs(lambda b, rows: teacher_out(b, rows, False, with_omics=False), dataset(sp.test, None),
-                           sp.test, cfg, device)
+                           sp.test, cfg.schedule.batch_size, device)
     result = {"teacher": t_risk[sp.test], "teacher_no_omics": no_omics}
     t_risk_t, t_emb_t = torch.from_numpy(t_risk), torch.from_numpy(t_emb)
     for name, weight in (("baseline", 0.0), ("student", cfg.weight)):
@@ -245,63 +273,28 @@ def _run_split(cfg: AmkdConfig, sp: Split, task: Task, targets: np.ndarray, omic
         student = build_head(cfg.head, dim, fitted.readout, fitted.n_classes).to(device)
         project = nn.Linear(student.embed_dim, teacher.embed_dim).to(device)
 
-        def student_loss(b: BagBatch, rows: np.ndarray, training: bool, student=student, project=project,
-                         weight=weight) -> Tensor:
-            out = student(b.x, b.mask)
-            loss = fitted.loss(out.logits, b.y)
-            if weight:
-                loss = loss + weight * kd_loss(out.logits[:, 0], project(out.embedding), t_risk_t[rows].to(device),
-                                               t_emb_t[rows].to(device), cfg.tau)
-            return loss
+        def distil(out: HeadOutput, b: BagBatch, rows: np.ndarray, project: nn.Module = project) -> Tensor:
+            return kd_loss(out.logits[:, 0].float(), project(out.embedding.float()), t_risk_t[rows].to(device),
+                           t_emb_t[rows].to(device), cfg.tau)
 
-        _fit(nn.ModuleList([student, project]), student_loss, train_ds, sp.train, val_ds, sp.val, cfg, device, seed)
-        result[name], _ = _outputs(lambda b, rows, student=student: student(b.x, b.mask), dataset(sp.test, None),
-                                   sp.test, cfg, device)
+        forward = head_forward(student, fitted.instance_labels)
+        train(nn.ModuleList([student, project]),
+              Loss(forward, fitted.loss, student.cfg.instance_weight, distil, weight))
+        result[name], _ = _outputs(lambda b, rows, forward=forward: forward(b, rows, False), dataset(sp.test, None),
+                                   sp.test, cfg.schedule.batch_size, device)
     return result
 
 
-def _fit(model: nn.Module, objective: Callable[[BagBatch, np.ndarray, bool], Tensor], train_ds: BagDataset,
-         train_rows: np.ndarray, val_ds: BagDataset | None, val_rows: np.ndarray, cfg: AmkdConfig,
-         device: torch.device, seed: int) -> None:
-    """AdamW on ``objective``; keep the epoch where the same objective is lowest on the validation patients."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=seed)
-    best, best_state, waited = float("inf"), None, 0
-    for epoch in range(cfg.epochs):
-        train_ds.set_epoch(epoch)
-        model.train()
-        for b in batches(loader, device):
-            loss = objective(b, train_rows[b.index.numpy()], True)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if val_ds is None:
-            continue
-        model.eval()
-        with torch.no_grad():
-            val_loss = float(sum(objective(b, val_rows[b.index.numpy()], False) for b in batches(
-                make_loader(val_ds, len(val_ds)), device)))
-        if val_loss < best:
-            best, waited = val_loss, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-
-
 @torch.no_grad()
-def _outputs(run: Callable[[BagBatch, np.ndarray], HeadOutput], ds: BagDataset, rows: np.ndarray, cfg: AmkdConfig,
+def _outputs(run: Callable[[BagBatch, np.ndarray], HeadOutput], ds: BagDataset, rows: np.ndarray, batch_size: int,
              device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Risk (n,) and embedding (n, E) per dataset item, in dataset order."""
     risk: list[np.ndarray] = []
     emb: list[np.ndarray] = []
     order: list[np.ndarray] = []
-    for b in batches(make_loader(ds, cfg.batch_size), device):
-        out = run(b, rows[b.index.numpy()])
+    for b in batches(make_loader(ds, batch_size), device):
+        with autocast(device):
+            out = run(b, rows[b.index.numpy()])
         risk.append(out.logits[:, 0].float().cpu().numpy())
         emb.append(out.embedding.float().cpu().numpy())
         order.append(b.index.numpy())

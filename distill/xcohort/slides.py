@@ -11,8 +11,8 @@ loss plus λ times one auxiliary term:
 - ``soft``: KL to soft targets averaged over K teacher heads (rows of a SQL query per slide).
 - ``task``: no auxiliary term, the baseline every other objective is compared with.
 
-Splits, tasks and metrics are the MIL issue's: patient-grouped stratified folds, early stopping on
-the validation *task* loss (the auxiliary term is stochastic), the test fold scored once. Tiles are
+Splits, tasks, metrics and the fit loop are ``fs train``'s: patient-grouped stratified folds, early
+stopping on the validation *task* loss (the auxiliary term is stochastic), the test fold scored once. Tiles are
 z-scored per feature with the training split's tile moments (``standardise``): without it a head on
 features with a small spread barely moves in the epochs given, and an auxiliary term only slows it. Every
 objective sees the same splits and the same head initialisation for a (seed, fold), so per-seed
@@ -21,9 +21,6 @@ differences are paired and a Wilcoxon signed-rank test over seeds applies.
 
 from __future__ import annotations
 
-import json
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,10 +33,14 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
 
-from featurestore.distill.data import BagDataset, BagReader
-from featurestore.distill.errors import ConfigError, check_new_run_dir
-from featurestore.distill.mil import HeadConfig, MILHead, build_head
-from featurestore.distill.runtime import batches, infer, make_loader, resolve_device
+from featurestore.devices import resolve_device
+from featurestore.distill.data import BagBatch, BagDataset, BagReader
+from featurestore.distill.errors import ConfigError, require
+from featurestore.distill.fit import Loss, fit, head_forward, task_loss_on
+from featurestore.distill.mil import HeadConfig, HeadOutput, MILHead, build_head
+from featurestore.distill.rundir import staged_run, write_json
+from featurestore.distill.runtime import infer, make_loader
+from featurestore.distill.schedule import SLIDES, SLIDES_CV, CrossValidation, Schedule
 from featurestore.distill.splits import Split, kfold_splits
 from featurestore.distill.tasks import Task, TaskSpec, make_task
 from featurestore.distill.train import Cohort, load_cohort
@@ -70,13 +71,13 @@ class BankSpec:
 
 @dataclass(frozen=True)
 class SlideDistillConfig:
-    """One student objective on one store, cross-validated over ``seeds`` × ``folds``.
+    """One student objective on one store, cross-validated over ``cv.seeds`` × ``cv.folds``.
 
     ``weight`` is λ in task + λ·aux. ``anchor_label`` / ``anchor_secondary`` name the student
     store's columns matched against the bank's (default: the bank's names). ``soft_query`` returns
     ``slide_id`` and ``logits`` of K heads per slide (e.g. held-out rows of the ``predictions``
-    table); ``soft_temperature`` tempers them. ``max_tiles`` caps training bags (fresh subset per epoch).
-    ``standardise`` z-scores tiles with the training split's per-feature tile mean and sd.
+    table); ``soft_temperature`` tempers them. ``standardise`` z-scores tiles with the training
+    split's per-feature tile mean and sd.
     """
 
     store: Path
@@ -94,38 +95,27 @@ class SlideDistillConfig:
     gap: int = 1
     hard_negatives: bool = False
     head: HeadConfig = field(default_factory=lambda: HeadConfig("abmil", hidden=128, attention_dim=64))
-    folds: int = 3
-    seeds: int = 1
-    group: str | None = "patient"
-    val_fraction: float = 0.2
-    epochs: int = 40
-    patience: int = 10
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    batch_size: int = 8
-    max_tiles: int | None = 512
+    schedule: Schedule = SLIDES
+    cv: CrossValidation = SLIDES_CV
     standardise: bool = True
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        require(self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}, "
+                f"got {self.objective!r}")
         if self.objective in ("triplet", "clip") and self.bank is None:
-            raise ConfigError(f"objective {self.objective} needs a teacher bank; pass --bank-store, --bank and "
-                              "--bank-label")
+            raise ConfigError(f"bank is missing: objective {self.objective} needs a teacher bank (store, SQL query "
+                              "and label column)", field="bank")
         if self.objective == "soft" and not self.soft_query:
-            raise ConfigError("objective soft needs --soft-query returning slide_id and logits per teacher head")
+            raise ConfigError("soft_query is missing: objective soft needs a query returning slide_id and logits "
+                              "per teacher head", field="soft_query")
         if self.objective == "soft" and self.task.kind != "classification":
             raise ConfigError(f"soft labels distil class probabilities; task {self.task.kind} has none")
-        checks = [(self.weight >= 0, "--weight must be >= 0"), (self.margin >= 0, "--margin must be >= 0"),
-                  (self.temperature > 0 and self.soft_temperature > 0, "temperatures must be > 0"),
-                  (self.seeds >= 1 and self.epochs >= 1 and self.patience >= 1, "seeds, epochs, patience >= 1"),
-                  (self.batch_size >= 2, "--batch-size must be >= 2 (InfoNCE and Cox compare bags in a batch)"),
-                  (self.lr > 0, "--lr must be > 0"), (0 <= self.val_fraction < 1, "--val-fraction in [0, 1)")]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        for name in ("weight", "margin"):
+            require(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("temperature", "soft_temperature"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        self.schedule.require_batch(2, "InfoNCE and Cox compare the bags of a batch")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -194,11 +184,12 @@ class _TileSums:
 
 
 def distill_slides(cfg: SlideDistillConfig, out: Path | None = None) -> SlideDistillResult:
-    """Cross-validate the configured student; with ``out``, write ``config.json``, ``metrics.json`` and
-    ``predictions.parquet`` there (assembled under a hidden name, renamed when complete)."""
-    result = _run(cfg, _prepare(cfg))
-    if out is not None:
-        write_run(result, Path(out))
+    """Cross-validate the configured student; with ``out``, write the run directory ``write_run`` describes."""
+    if out is None:
+        return _run(cfg, _prepare(cfg))
+    with staged_run(Path(out)) as staging:
+        result = _run(cfg, _prepare(cfg))
+        _write(result, staging)
     return result
 
 
@@ -231,7 +222,7 @@ def sweep(cfg: SlideDistillConfig, margins: tuple[float, ...], weights: tuple[fl
 def _prepare(cfg: SlideDistillConfig) -> _Prepared:
     store = Store.open(cfg.store, read_only=True)
     reader = BagReader(store, store.embedding_set(cfg.model), cache_bytes=2**30)
-    cohort = load_cohort(store, reader, cfg.task, cfg.group, None)
+    cohort = load_cohort(store, reader, cfg.task, cfg.schedule.group, None)
     bank = anchors = bins = soft = None
     if cfg.objective in ("triplet", "clip") and cfg.bank is not None:
         bank = load_bank(Store.open(cfg.bank.store, read_only=True), cfg.bank.query, cfg.bank.label,
@@ -247,7 +238,7 @@ def _prepare(cfg: SlideDistillConfig) -> _Prepared:
         soft = _soft_targets(store, cfg.soft_query, cohort.slide_ids, cfg.soft_temperature)
     task = make_task(cfg.task, cohort.labels)
     targets = task.targets(cohort.labels)
-    splits = kfold_splits(cohort.groups, task.strata(targets), cfg.folds, cfg.seeds, cfg.val_fraction)
+    splits = kfold_splits(cohort.groups, task.strata(targets), cfg.cv.folds, cfg.cv.seeds, cfg.cv.val_fraction)
     n = len(cohort.slide_ids)
     return _Prepared(cohort, reader, task, targets, splits,
                      anchors if anchors is not None else np.zeros(n, np.int64),
@@ -286,15 +277,15 @@ def _soft_targets(store: Store, query: str, slide_ids: list[str], temperature: f
 
 
 def _run(cfg: SlideDistillConfig, prep: _Prepared) -> SlideDistillResult:
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.schedule.device)
     test_rows: list[dict] = []
     val_rows: list[dict] = []
     for sp in prep.splits:
         test, val = _run_split(cfg, prep, sp, device)
         test_rows += test
         val_rows += val
-    return SlideDistillResult(cfg, prep.task.primary, _per_seed(prep.task, test_rows, cfg.seeds),
-                              _per_seed(prep.task, val_rows, cfg.seeds), pa.Table.from_pylist(test_rows))
+    return SlideDistillResult(cfg, prep.task.primary, _per_seed(prep.task, test_rows, cfg.cv.seeds),
+                              _per_seed(prep.task, val_rows, cfg.cv.seeds), pa.Table.from_pylist(test_rows))
 
 
 def _per_seed(task: Task, rows: list[dict], seeds: int) -> list[dict[str, float]]:
@@ -352,15 +343,22 @@ def _run_split(cfg: SlideDistillConfig, prep: _Prepared, sp: Split,
     head = head.to(device)
     aux = _Aux(cfg, prep, head.embed_dim, seed).to(device)
     ids = prep.cohort.slide_ids
+    batch_size = cfg.schedule.batch_size
 
     def dataset(rows: np.ndarray, cap: int | None) -> BagDataset:
         return BagDataset(prep.reader, [ids[r] for r in rows], prep.targets[rows], max_tiles=cap, seed=seed)
 
-    train_ds = dataset(sp.train, cfg.max_tiles)
+    def aux_term(out: HeadOutput, batch: BagBatch, rows: np.ndarray) -> Tensor:
+        return aux(out.embedding.float(), out.logits.float(), rows)
+
     val_ds = dataset(sp.val, None) if len(sp.val) else None
-    _fit(head, aux, task, train_ds, val_ds, sp.train, cfg, device, seed)
-    test = _score_rows(head, task, prep, sp, sp.test, dataset(sp.test, None), cfg, device)
-    val = _score_rows(head, task, prep, sp, sp.val, val_ds, cfg, device) if val_ds is not None else []
+    validate = task_loss_on(head, task.loss, val_ds, batch_size, device) if val_ds is not None else None
+    loss = Loss(head_forward(head, task.instance_labels), task.loss, head.cfg.instance_weight,
+                aux_term if cfg.objective != "task" else None, cfg.weight)
+    fit(nn.ModuleList([head, aux]), loss, dataset(sp.train, cfg.cv.max_tiles), sp.train, validate, cfg.schedule,
+        cfg.cv.patience, device, seed)
+    test = _score_rows(head, task, prep, sp, sp.test, dataset(sp.test, None), batch_size, device)
+    val = _score_rows(head, task, prep, sp, sp.val, val_ds, batch_size, device) if val_ds is not None else []
     return test, val
 
 
@@ -381,45 +379,9 @@ class _Standardised(nn.Module):
         return self.head((x - self.mean) / self.sd, mask, *args)
 
 
-def _fit(head: MILHead | _Standardised, aux: _Aux, task: Task, train_ds: BagDataset, val_ds: BagDataset | None,
-         rows: np.ndarray, cfg: SlideDistillConfig, device: torch.device, seed: int) -> None:
-    """AdamW on task + λ·aux; keep the weights of the epoch with the lowest validation task loss."""
-    params = [*head.parameters(), *aux.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=seed)
-    val_loader = make_loader(val_ds, cfg.batch_size) if val_ds is not None else None
-    best, best_state, waited = float("inf"), None, 0
-    for epoch in range(cfg.epochs):
-        train_ds.set_epoch(epoch)
-        head.train()
-        for batch in batches(loader, device):
-            out = head(batch.x, batch.mask, batch.coords, task.instance_labels(batch.y))
-            loss = task.loss(out.logits.float(), batch.y)
-            if out.aux_loss is not None:
-                loss = loss + head.cfg.instance_weight * out.aux_loss.float()
-            if cfg.weight and cfg.objective != "task":
-                loss = loss + cfg.weight * aux(out.embedding.float(), out.logits.float(), rows[batch.index.numpy()])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if val_loader is None or val_ds is None:
-            continue
-        val_loss = float(task.loss(torch.from_numpy(infer(head, val_loader, device).outputs),
-                                   torch.from_numpy(val_ds.targets)))
-        if val_loss < best:
-            best, waited = val_loss, 0
-            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                break
-    if best_state is not None:
-        head.load_state_dict(best_state)
-
-
 def _score_rows(head: MILHead | _Standardised, task: Task, prep: _Prepared, sp: Split, rows: np.ndarray,
-                ds: BagDataset, cfg: SlideDistillConfig, device: torch.device) -> list[dict]:
-    outputs = infer(head, make_loader(ds, cfg.batch_size), device).outputs
+                ds: BagDataset, batch_size: int, device: torch.device) -> list[dict]:
+    outputs = infer(head, make_loader(ds, batch_size), device).outputs
     scores = task.score(outputs)
     return [{"slide_id": prep.cohort.slide_ids[r], "group": str(prep.cohort.groups[r]), "seed": sp.seed,
              "fold": sp.fold, "y": float(prep.targets[r, 0]), "event": int(prep.targets[r, 1]),
@@ -427,19 +389,14 @@ def _score_rows(head: MILHead | _Standardised, task: Task, prep: _Prepared, sp: 
 
 
 def write_run(result: SlideDistillResult, out: Path) -> None:
-    """``config.json``, ``metrics.json`` (per-seed test and validation metrics) and ``predictions.parquet``."""
-    check_new_run_dir(out)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
-        (staging / "config.json").write_text(json.dumps(result.config.to_dict(), indent=2, default=str) + "\n")
-        metrics = {"primary": result.primary, "test": result.test, "val": result.val,
-                   "mean": {result.primary: float(np.nanmean(result.primary_per_seed()))}}
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        pq.write_table(result.predictions, staging / "predictions.parquet")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """Run directory ``out``: ``config.json``, ``metrics.json`` (per-seed test and validation metrics) and
+    ``predictions.parquet`` (the out-of-fold test rows)."""
+    with staged_run(Path(out)) as staging:
+        _write(result, staging)
+
+
+def _write(result: SlideDistillResult, run_dir: Path) -> None:
+    write_json(run_dir / "config.json", result.config.to_dict())
+    write_json(run_dir / "metrics.json", {"primary": result.primary, "test": result.test, "val": result.val,
+                                          "mean": {result.primary: float(np.nanmean(result.primary_per_seed()))}})
+    pq.write_table(result.predictions, run_dir / "predictions.parquet")
