@@ -122,7 +122,7 @@ def test_feature_student_matches_the_teacher_on_held_out_tiles(feature_run):
 def test_downstream_mil_compares_student_and_teacher_bags_on_the_same_splits(feature_run):
     down = json.loads((feature_run / "report.json").read_text())["evaluation"]["downstream"]
     assert down["head"] == "abmil" and down["folds"] == 3 and down["slides"] == 6 and down["metric"] == "auroc"
-    assert 0 <= down["student"]["auroc"] <= 1 and down["teacher"]["auroc"] >= 0.75, down
+    assert down["student"]["auroc"] >= 0.75 and down["teacher"]["auroc"] >= 0.75, down  # measured: 1.0 and 1.0
     assert "Downstream: abmil" in (feature_run / "report.md").read_text()
 
 
@@ -221,7 +221,12 @@ def test_every_objective_trains_from_the_store_alone(store_path, tmp_path, objec
         kw["tiles_per_slide"] = 3  # units are 4×4 neighbourhoods: up to 16 tiles each
     report = run(store_path, tmp_path / objective, objective, **kw)
     terms = report["history"]["train_terms"]
-    assert len(terms) == 2 and all(np.isfinite(v) for epoch in terms for v in epoch.values())
+    # Each term is a KL divergence, a cross-entropy or a weighted squared or cosine distance: >= 0 by
+    # construction, so a sign error or probabilities passed where log-probabilities belong shows (so does NaN).
+    # The learned log-variances of multi-teacher start at 0 and move about lr per step, far from the
+    # -loss that could make exp(-s)·loss + s negative.
+    assert len(terms) == 2 and all(v >= 0 for epoch in terms for v in epoch.values()), terms
+    assert report["history"]["train_loss"] == pytest.approx([sum(epoch.values()) for epoch in terms])
     expected = {"multi-teacher": {"teacher:efficientnet-lite0", "teacher:test/tiny-cnn"},
                 "relational": {"relation", "feature", "relation_feature"}, "logit": {"kl", "ce"},
                 "dino": {"cross_entropy"}}[objective]
@@ -255,12 +260,18 @@ def test_students_of_the_tested_architectures_take_a_step_and_export(arch):
     xmag = XmagKD(student.dim, student.channels, "t", 8, 4, ObjectiveConfig())
     params = [*student.parameters(), *feature.parameters(), *xmag.parameters()]
     opt = torch.optim.AdamW(params, 1e-3)
+    before = [p.detach().clone() for p in params]
     x = torch.randn(4, 3, 64, 64)
     out = student(x)
     loss = sum(feature(out, Targets({"t": torch.randn(4, 8)})).values()) + sum(xmag(out, Targets(
         {"t": torch.randn(4, 16, 8)}, child_mask=torch.rand(4, 16) > 0.3)).values())
     loss.backward()
     opt.step()
+    graded = [p.grad is not None and bool(p.grad.any()) for p in params]
+    moved = [not torch.equal(p, b) for p, b in zip(params, before, strict=True)]
+    n_student = len(list(student.parameters()))
+    assert any(graded[:n_student]) and all(graded[n_student:]), "the loss reaches the student and both heads"
+    assert all(m for m, g in zip(moved, graded, strict=True) if g), "the step moves every parameter with a gradient"
     assert all(torch.isfinite(p).all() for p in params)
     encoder = export_encoder(student.eval(), feature.export_projection())
     with torch.no_grad():

@@ -128,13 +128,17 @@ def abmil_run(cohort, tmp_path_factory):
     return train(config(cohort.store, tmp_path_factory.mktemp("runs") / "abmil"))
 
 
-def test_abmil_learns_the_signal_and_matches_or_beats_mean_pooling(abmil_run, cohort, tmp_path):
+def test_abmil_learns_the_signal(abmil_run):
+    assert abmil_run.metrics["summary"]["auroc"]["pooled"] >= 0.9
+
+
+@pytest.mark.slow
+def test_abmil_matches_or_beats_mean_pooling(abmil_run, cohort, tmp_path):
     mean_run = train(config(cohort.store, tmp_path / "mean", head="mean"))
     abmil = abmil_run.metrics["summary"]["auroc"]
     mean = mean_run.metrics["summary"]["auroc"]
     print(f"\nheld-out AUROC: abmil {abmil['pooled']:.3f} {abmil['ci95']}, mean pooling {mean['pooled']:.3f} "
           f"{mean['ci95']}")
-    assert abmil["pooled"] >= 0.9
     assert abmil["pooled"] >= mean["pooled"]
 
 
