@@ -28,7 +28,7 @@ import argparse
 import dataclasses
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ from featurestore.distill.kd.data import Batch, CachedTiles, SlideBalancedSample
 from featurestore.distill.kd.loop import TargetScaling, run_pass
 from featurestore.distill.kd.objectives import ObjectiveConfig, Targets, build_objective
 from featurestore.distill.kd.students import Student, create_student
+from featurestore.distill.schedule import KD
 from featurestore.encoders import Teacher, build_teacher
 from featurestore.pipelines.demo import make_cohort
 from featurestore.pipelines.extract import ExtractOptions, PixelSpec, run_extract
@@ -116,14 +117,14 @@ def _setup(store: Store, steps: int) -> Setup:
     slide_ids = sorted(store.sql(f"SELECT slide_id FROM bags WHERE set_id = '{es.id}'").column(0).to_pylist())
     data = CachedTiles(store, [es], TILING, slide_ids, {}, input_size=INPUT_SIZE)
     cfg = DistillConfig(store=store.root, teachers=(TEACHER,), student=STUDENT, objective="feature", out="unused",
-                        input_size=INPUT_SIZE, batch_size=BATCH, device="cpu")
+                        input_size=INPUT_SIZE, schedule=replace(KD, batch_size=BATCH, device="cpu"))
     torch.manual_seed(0)
     backbone, spec = create_student(STUDENT, INPUT_SIZE)
     student = Student(backbone, spec).to(memory_format=torch.channels_last)
     objective = build_objective("feature", ObjectiveConfig(), student_dim=student.dim, channels=student.channels,
                                 teacher_dims={TEACHER: es.embed_dim}, n_classes=0, k=1)
-    optimizer = torch.optim.AdamW([*student.parameters(), *objective.parameters()], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([*student.parameters(), *objective.parameters()], lr=cfg.schedule.lr,
+                                  weight_decay=cfg.schedule.weight_decay)
     per_slide = -(-steps * BATCH // len(slide_ids))
     sampler = SlideBalancedSampler(data.n_tiles, per_slide, BATCH, sizes=[data.slide_bytes(i)
                                                                          for i in range(len(slide_ids))],

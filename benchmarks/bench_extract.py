@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import best_of, row
+from featurestore.devices import resolve_device
 from featurestore.pipelines.demo import make_cohort
-from featurestore.pipelines.extract import ExtractOptions, load_teachers, resolve_device, run_extract
+from featurestore.pipelines.extract import ExtractOptions, load_teachers, run_extract
 from featurestore.schemas import TilingSpec
 
 TEACHER = "efficientnet-lite0"
@@ -26,7 +27,7 @@ BATCH = 64
 
 
 def run(quick: bool) -> list[dict]:
-    device = resolve_device("auto")
+    device = str(resolve_device("auto"))
     opts = ExtractOptions(models=(TEACHER,), tiling=TilingSpec(0.5, 224), device=device, batch_size=BATCH,
                           qc=False)
     [teacher] = load_teachers(opts, device)
