@@ -71,7 +71,8 @@ def kfold_splits(groups: np.ndarray, strata: np.ndarray, folds: int, seeds: int,
                  val_fraction: float = 0.2) -> list[Split]:
     """``folds``-fold grouped, stratified splits for seeds 0..seeds−1."""
     if folds < 2:
-        raise ConfigError(f"--folds must be >= 2, got {folds}; use a split column for a single train/test split")
+        raise ConfigError(f"folds must be >= 2, got {folds}; use a split column for a single train/test split",
+                          field="folds")
     groups, strata = np.asarray(groups), np.asarray(strata)
     out = []
     for seed in range(seeds):

@@ -67,7 +67,7 @@ class TaskSpec:
             raise ConfigError("survival needs the event column (1 = event observed, 0 = censored); "
                               "pass --event COLUMN with --label as the time column")
         if self.kind != "survival" and self.event:
-            raise ConfigError(f"--event is only used by survival, not by {self.kind}; drop it")
+            raise ConfigError(f"event is only used by survival, not by {self.kind}; drop it", field="event")
         if self.bins < 2:
             raise ConfigError(f"bins must be >= 2 for the discrete-time model, got {self.bins}")
 

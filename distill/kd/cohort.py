@@ -31,7 +31,7 @@ def pixel_tiling(store: Store, teacher: TilingSpec, cfg: DistillConfig) -> Tilin
         try:
             size, mpp = (float(v) for v in cfg.pixels.split("@"))
         except ValueError as err:
-            raise ConfigError(f"--pixels {cfg.pixels!r}: expected SIZE@MPP such as 224@0.5") from err
+            raise ConfigError(f"pixels {cfg.pixels!r}: expected SIZE@MPP such as 224@0.5", field="pixels") from err
         found = [t for t in tilings if t.tile_size == size and math.isclose(t.target_mpp, mpp)]
         if not found:
             raise ConfigError(f"{store.root}: no pixels cached at {cfg.pixels} ({fix})")
@@ -50,12 +50,14 @@ def pixel_tiling(store: Store, teacher: TilingSpec, cfg: DistillConfig) -> Tilin
     coarse = pixel.id != teacher.id
     ratio = pixel.tile_size * pixel.target_mpp / (teacher.tile_size * teacher.target_mpp)
     if coarse and (round(ratio) < 2 or abs(ratio - round(ratio)) > 1e-6):
-        raise ConfigError(f"--pixels {pixel.tile_size}@{pixel.target_mpp:g}: its tiles must cover k×k teacher tiles "
-                          f"(k >= 2) of {teacher.tile_size}@{teacher.target_mpp:g}, or be the teacher tiling itself")
+        raise ConfigError(f"pixels {pixel.tile_size}@{pixel.target_mpp:g}: its tiles must cover k×k teacher tiles "
+                          f"(k >= 2) of {teacher.tile_size}@{teacher.target_mpp:g}, or be the teacher tiling itself",
+                          field="pixels")
     if coarse != (cfg.objective == "xmag") and cfg.objective not in BASELINES:
-        raise ConfigError(f"--pixels {pixel.tile_size}@{pixel.target_mpp:g} with objective {cfg.objective}: "
+        raise ConfigError(f"pixels {pixel.tile_size}@{pixel.target_mpp:g} with objective {cfg.objective}: "
                           + ("pixels on another tiling pair with k×k teacher tiles; use --objective xmag"
-                             if coarse else "xmag needs pixels at a lower magnification than the teacher's"))
+                             if coarse else "xmag needs pixels at a lower magnification than the teacher's"),
+                          field="pixels")
     return pixel
 
 
@@ -108,6 +110,6 @@ def heldout_split(slide_ids: list[str], groups: dict[str, str], labels: dict[str
         take = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
         held.update(rng.permutation(patients)[:take].tolist())
     if not held:
-        raise ConfigError(f"--holdout {fraction:g}: the cohort has too few patients per label to hold any out "
-                          "(need two in a label); add slides")
+        raise ConfigError(f"holdout {fraction:g}: the cohort has too few patients per label to hold any out "
+                          "(need two in a label); add slides", field="holdout")
     return [s for s in slide_ids if groups[s] not in held], [s for s in slide_ids if groups[s] in held]

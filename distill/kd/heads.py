@@ -57,25 +57,25 @@ def load_teacher_head(path: Path, teacher_dim: int) -> nn.Module:
     head = _run_dir_head(path) if path.is_dir() else _linear_head(path)
     probe = head(torch.zeros(1, teacher_dim))
     if probe.shape[1] < 2:
-        raise ConfigError(f"--teacher-head {path}: gives {probe.shape[1]} logit per tile; logit distillation "
-                          "needs a classifier with two or more classes")
+        raise ConfigError(f"teacher_head {path}: gives {probe.shape[1]} logit per tile; logit distillation "
+                          "needs a classifier with two or more classes", field="teacher_head")
     return head.requires_grad_(False).eval()
 
 
 def _linear_head(path: Path) -> LinearHead:
     if not path.is_file():
-        raise ConfigError(f"--teacher-head {path}: no such file or run directory; pass a linear head file or an "
-                          "fs train run directory")
+        raise ConfigError(f"teacher_head {path}: no such file or run directory; pass a linear head file or an "
+                          "fs train run directory", field="teacher_head")
     try:
         state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
                                                                                 weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-        raise ConfigError(f"--teacher-head {path}: cannot read it ({err}); save {{'weight', 'bias'}} with "
-                          "safetensors or torch.save") from err
+        raise ConfigError(f"teacher_head {path}: cannot read it ({err}); save {{'weight', 'bias'}} with "
+                          "safetensors or torch.save", field="teacher_head") from err
     weight, bias = (state.get("weight"), state.get("bias")) if isinstance(state, dict) else (None, None)
     if weight is None or bias is None or weight.ndim != 2 or bias.shape != weight.shape[:1]:
-        raise ConfigError(f"--teacher-head {path}: expected tensors 'weight' (classes, dim) and 'bias' (classes,); "
-                          "save a linear head's state dict")
+        raise ConfigError(f"teacher_head {path}: expected tensors 'weight' (classes, dim) and 'bias' (classes,); "
+                          "save a linear head's state dict", field="teacher_head")
     return LinearHead(weight.float(), bias.float())
 
 
@@ -84,10 +84,11 @@ def _run_dir_head(path: Path) -> SingleTileBags:
 
     files = sorted((path / "checkpoints").glob("seed*-fold*.pt"))
     if not files:
-        raise ConfigError(f"--teacher-head {path}: no checkpoints/seed*-fold*.pt; pass a finished fs train run")
+        raise ConfigError(f"teacher_head {path}: no checkpoints/seed*-fold*.pt; pass a finished fs train run",
+                          field="teacher_head")
     checkpoints = [load_checkpoint(f) for f in files]
     kinds = {c.task.spec.kind for c in checkpoints}
     if kinds != {"classification"}:
-        raise ConfigError(f"--teacher-head {path}: a {', '.join(sorted(kinds))} run; logit distillation needs an "
-                          "fs train --task classification run")
+        raise ConfigError(f"teacher_head {path}: a {', '.join(sorted(kinds))} run; logit distillation needs an "
+                          "fs train --task classification run", field="teacher_head")
     return SingleTileBags([c.head for c in checkpoints])

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featurestore.distill.errors import ConfigError
+from featurestore.distill.errors import ConfigError, require
 
 OBJECTIVES = ("feature", "multi-teacher", "xmag", "relational", "logit", "dino", "supervised", "simsiam")
 BASELINES = ("supervised", "simsiam")
@@ -91,18 +91,17 @@ class ObjectiveConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = [(min(self.cosine, self.smooth_l1) >= 0 and self.cosine + self.smooth_l1 > 0,
-                   "cosine and smooth-L1 weights must be >= 0 and not both 0"),
-                  (self.xmag_distance in XMAG_DISTANCES, f"--xmag-distance must be one of {', '.join(XMAG_DISTANCES)}"),
-                  (0 <= self.alpha <= 1, "--alpha must be in [0, 1]"), (self.tau > 0, "--tau must be > 0"),
-                  (self.prototypes >= 2, "--prototypes must be >= 2"),
-                  (min(self.teacher_temp, self.student_temp) > 0, "DINO temperatures must be > 0"),
-                  (0 <= self.center_momentum < 1, "--center-momentum must be in [0, 1)"),
-                  (bool(self.levels) and all(v >= 1 for v in self.levels), "levels must be >= 1"),
-                  (all(w >= 0 for w in self.teacher_weights), "--teacher-weight values must be >= 0")]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(min(self.cosine, self.smooth_l1) >= 0 and self.cosine + self.smooth_l1 > 0, "cosine",
+                "and smooth_l1 weights must be >= 0 and not both 0")
+        require(self.xmag_distance in XMAG_DISTANCES, "xmag_distance", f"must be one of {', '.join(XMAG_DISTANCES)}")
+        require(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
+        require(self.tau > 0, "tau", "must be > 0")
+        require(self.prototypes >= 2, "prototypes", "must be >= 2")
+        require(min(self.teacher_temp, self.student_temp) > 0, "teacher_temp",
+                "and student_temp (DINO temperatures) must be > 0")
+        require(0 <= self.center_momentum < 1, "center_momentum", "must be in [0, 1)")
+        require(bool(self.levels) and all(v >= 1 for v in self.levels), "levels", "must be >= 1")
+        require(all(w >= 0 for w in self.teacher_weights), "teacher_weights", "must be >= 0")
 
 
 class Objective(nn.Module, ABC):

@@ -39,14 +39,14 @@ def create_student(arch: str, input_size: int) -> tuple[nn.Module, StudentSpec]:
         with torch.device("meta"):
             probe = timm.create_model(arch, pretrained=False, num_classes=0)
     except RuntimeError as err:
-        raise ConfigError(f"--student {arch}: timm {timm.__version__} has no architecture {arch!r}; pick one "
-                          "from timm.list_models()") from err
+        raise ConfigError(f"student {arch}: timm {timm.__version__} has no architecture {arch!r}; pick one "
+                          "from timm.list_models()", field="student") from err
     kwargs = {"img_size": input_size} if hasattr(probe, "patch_embed") else {}
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
     except (RuntimeError, TypeError, AssertionError) as err:
-        raise ConfigError(f"--student {arch}: cannot build it at --input-size {input_size} ({err}); "
-                          "choose another input size") from err
+        raise ConfigError(f"student {arch}: cannot build it at input_size {input_size} ({err}); "
+                          "choose another input size", field="student") from err
     cfg = model.pretrained_cfg
     return model, StudentSpec(arch, input_size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
                               tuple(cfg.get("std", (0.229, 0.224, 0.225))), tuple(sorted(kwargs.items())))
