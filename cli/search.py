@@ -163,8 +163,8 @@ def search_cmd(
     s = Store.open(store, read_only=True)
     vector = None
     if image is not None:
+        from featurestore.devices import resolve_device
         from featurestore.encoders import build_teacher
-        from featurestore.pipelines.extract import resolve_device
 
         teacher = build_teacher(s.embedding_set(model).encoder_name, weights=weights, device=resolve_device(device))
         vector = embed_image(s, model, image, teacher)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from featurestore.cli.search import Kind, register
 from featurestore.index import KINDS
-from featurestore.store import Store
+from featurestore.store import SlideCommit, Store, tiles_table
 from tests.conftest import commit_random_slide, make_encoder, make_slide
 
 runner = CliRunner()
@@ -105,6 +105,28 @@ def test_vacuum_reports_orphaned_index_files_in_the_stores_summary(store_path):
     assert result.exit_code == 0, result.output
     assert "0 table parts, 1 index files: 3.0 MiB freed" in result.output.replace("\n", " ")
     assert not orphan.exists()
+
+
+def test_image_search_builds_the_sets_teacher(tmp_path, tiling):
+    import torch
+    from PIL import Image
+
+    from featurestore.encoders import build_teacher
+
+    teacher = build_teacher("test/tiny-cnn", device="cpu")
+    pixels = np.random.default_rng(0).integers(0, 255, (6, tiling.tile_size, tiling.tile_size, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        emb = teacher(torch.from_numpy(pixels)).numpy()
+    store = Store.create(tmp_path / "s")
+    slide = make_slide(0)
+    tiles = tiles_table(slide.slide_id, tiling.id, np.arange(6) * 448, np.zeros(6), 0, 448, np.ones(6))
+    store.commit_slide(SlideCommit(slide, tiling, tiles, {teacher.spec: emb}, dtype="float32"))
+    assert run("index", "build", "-m", "test/tiny-cnn", "-s", store.root).exit_code == 0
+    Image.fromarray(pixels[2]).save(tmp_path / "q.png")
+    found = run("search", "-m", "test/tiny-cnn", "--image", tmp_path / "q.png", "--device", "cpu", "-k", 1,
+                "-f", "json", "-s", store.root)
+    assert found.exit_code == 0, found.output
+    assert [r["tile_index"] for r in json.loads(found.output)] == [2]
 
 
 def test_kind_choices_are_the_registrys(store_path):
