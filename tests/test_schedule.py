@@ -88,8 +88,8 @@ def test_cli_defaults_are_the_librarys(command, schedule, cv):
 
 
 def test_seeds_and_device_defaults_are_what_the_cli_showed():
-    assert (SLIDES_CV.seeds, SLIDES.device, AMKD.device, KD.device, TRAIN.device) == (5, "auto", "auto", "auto", "auto")
-    assert AMKD_CV.seeds == 1  # tests/test_xcohort_amkd relies on one seed by default
+    assert (SLIDES_CV.seeds, AMKD_CV.seeds, TRAIN_CV.seeds) == (5, 3, 1)
+    assert (SLIDES.device, AMKD.device, KD.device, TRAIN.device) == ("auto", "auto", "auto", "auto")
 
 
 def cli(register, *args: str):
@@ -233,7 +233,7 @@ def test_amkd_writes_a_run_directory_like_the_other_students(survival_store, tmp
     from featurestore.distill.xcohort import AmkdConfig, amkd
 
     cfg = AmkdConfig(survival_store, "synth", "months", "event", ("gene_a",), schedule=replace(AMKD, epochs=1),
-                     cv=replace(AMKD_CV, folds=2))
+                     cv=replace(AMKD_CV, folds=2, seeds=1))
     result = amkd(cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["c_index"]["student"] == result.student and metrics["c_index"]["teacher"] == result.teacher

@@ -99,7 +99,7 @@ def test_the_teacher_ranks_by_the_omics_and_falls_back_without_them(survival_sto
     covariate almost noise-free, so the teacher that sees them must rank clearly better than chance and
     lose C-index when they are taken away (it still answers: the fallback)."""
     result = amkd(AmkdConfig(survival_store, "synth", "months", "event", ("gene_a", "gene_b", "gene_c"),
-                             schedule=replace(AMKD, epochs=10)))
+                             schedule=replace(AMKD, epochs=10), cv=replace(AMKD_CV, seeds=1)))
     assert [len(r) for r in (result.teacher, result.teacher_no_omics, result.baseline, result.student)] == [1] * 4
     assert result.teacher[0] > 0.65 and result.teacher[0] > result.teacher_no_omics[0] + 0.03, result
 
@@ -112,7 +112,7 @@ def test_omics_from_a_parquet_file_and_missing_rows(survival_store, tmp_path):
     half = patients.slice(0, patients.num_rows // 2)
     pq.write_table(pa.table({"patient": half.column("patient"), "g": half.column("gene_a")}), tmp_path / "o.parquet")
     cfg = AmkdConfig(survival_store, "synth", "months", "event", omics_parquet=tmp_path / "o.parquet",
-                     schedule=replace(AMKD, epochs=2), cv=replace(AMKD_CV, folds=2))
+                     schedule=replace(AMKD, epochs=2), cv=replace(AMKD_CV, folds=2, seeds=1))
     store = Store.open(survival_store, read_only=True)
     cohort = load_cohort(store, BagReader(store, store.embedding_set("synth")),
                          TaskSpec("survival", "months", event="event"), "patient", None)
