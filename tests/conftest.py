@@ -20,12 +20,12 @@ REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="also run the slow tier: research comparisons over "
-                     "seeds, subprocess kills, Dask clusters (tests marked slow)")
+                     "seeds and folds (tests marked slow)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: long-running (research comparisons over seeds, subprocess kills, "
-                            "Dask clusters); skipped unless pytest is given --slow")
+    config.addinivalue_line("markers", "slow: research comparisons over seeds and folds, minutes each; skipped "
+                            "unless pytest is given --slow")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped where torch.cuda.is_available() is false")
 
 

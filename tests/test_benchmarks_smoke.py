@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
@@ -56,7 +55,6 @@ def test_best_of_interleaved_runs_every_variant_each_round_alternating_and_keeps
     assert best == {"a": 1.0, "b": 4.0}
 
 
-@pytest.mark.slow
 def test_scale_benchmark_runs_at_tiny_sizes() -> None:
     plan = bench_scale.Plan((20, 40), timed_commits=5, repeats=1, cli_repeats=1, bag_sample=10, writers=2)
     rows = bench_scale.run(True, plan)

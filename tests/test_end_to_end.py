@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import pytest
-
 from featurestore.distill.mil import HeadConfig
 from featurestore.distill.predict import predict, read_predictions
 from featurestore.distill.schedule import TRAIN, TRAIN_CV
@@ -22,7 +20,6 @@ from featurestore.schemas import TilingSpec
 from featurestore.store import Store
 
 
-@pytest.mark.slow
 def test_abmil_on_real_teacher_features_classifies_held_out_slides(tmp_path):
     cohort = make_cohort(tmp_path / "cohort", 16, size=2048, seed=5)
     store_path = tmp_path / "store"

@@ -343,7 +343,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("point", "after", "sig"), [
     ("embed", 0, signal.SIGKILL),    # first slide, before anything is committed
     ("publish", 1, signal.SIGKILL),  # second slide staged, not yet published
@@ -378,7 +377,6 @@ def test_killed_extraction_resumes_to_the_clean_result(cohort, clean_store, tmp_
     assert resumed.sql("SELECT count(*) AS n FROM bags").column("n")[0].as_py() == 3
 
 
-@pytest.mark.slow
 def test_dask_cluster_of_two_workers_equals_single_process(cohort, clean_store, tmp_path):
     bin_dir = Path(sys.executable).parent
     sched_file = tmp_path / "scheduler.json"

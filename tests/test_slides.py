@@ -293,7 +293,6 @@ def test_cufile_config_is_shipped_and_respects_the_user(monkeypatch):
     assert os.environ["CUFILE_ENV_PATH_JSON"] == str(cucim_backend.CUFILE_CONFIG)
 
 
-@pytest.mark.slow
 def test_cucim_after_torch_does_not_hang(real, tmp_path):
     """The import order that can hang in cuFile's driver start-up finishes, with our config in force."""
     code = textwrap.dedent(f"""

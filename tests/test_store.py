@@ -188,7 +188,6 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_writer_killed_between_array_write_and_commit(tmp_path, tiling):
     path = tmp_path / "s"
     store = Store.create(path)

@@ -263,7 +263,6 @@ WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_four_writers_a_reader_and_a_checkpoint(tmp_path, tiling):
     """Every statement sees one consistent version; nothing is lost; the result equals a serial run."""
     path = tmp_path / "s"

@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
 from featurestore.index._build import TileIndex, first_view, load_index, quote
 from featurestore.index._errors import QueryError
-from featurestore.schemas import EncoderSpec
+from featurestore.schemas import EncoderSpec, SqlError
 from featurestore.store import Snapshot, Store
 
 if TYPE_CHECKING:
@@ -87,8 +86,8 @@ def _query_vector(store: Snapshot, index: TileIndex, tile_id: int | None, vector
 def _filter(store: Snapshot, query: str, where: str, tables: str) -> pa.Table:
     try:
         return store.sql(query)
-    except duckdb.Error as err:
-        raise QueryError(f"--where {where!r}: {str(err).splitlines()[0]}; write an SQL predicate over "
+    except SqlError as err:
+        raise QueryError(f"where {where!r}: {str(err).splitlines()[0]}; write an SQL predicate over "
                          f"{tables}, e.g. \"l.label = 1 AND s.mpp_x < 0.3\"") from err
 
 
