@@ -6,7 +6,7 @@ import csv
 import io
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from featurestore.schemas import LabelsError
@@ -101,6 +101,7 @@ CELL = st.one_of(st.text(max_size=6), st.integers(-5, 5).map(str), st.floats(all
 @given(rows=st.lists(st.tuples(st.sampled_from(["slide_0.svs", "slide_1.svs", "slide_2.svs", "nope.svs"]),
                                CELL, CELL), min_size=1, max_size=5),
        raw=st.binary(max_size=8))
+@example(rows=[("slide_0.svs", "", "")], raw=b"\r\x80")  # a stray CR before a non-UTF-8 byte
 def test_any_labels_file_leaves_a_readable_view_with_exactly_the_accepted_rows(store, tmp_path, rows, raw):
     before = store.sql("SELECT * FROM labels ORDER BY slide_id")
     buffer = io.StringIO()

@@ -37,6 +37,11 @@ class LabelsImport:
         return self.table.num_rows
 
 
+def _first_row(line: bytes) -> list[str]:
+    """The cells of one raw line for an error message; a stray carriage return ends the row, as in the file."""
+    return next(csv.reader(io.StringIO(line.decode("utf-8", "replace"), newline="")), [])
+
+
 def _decode(csv_path: Path) -> str:
     data = csv_path.read_bytes()
     try:
@@ -44,9 +49,8 @@ def _decode(csv_path: Path) -> str:
     except UnicodeDecodeError as err:
         line_start = data.rfind(b"\n", 0, err.start) + 1
         line_no = data.count(b"\n", 0, err.start) + 1
-        header = next(csv.reader([data.split(b"\n", 1)[0].decode("utf-8", "replace")]), [])
-        line = data[line_start:data.find(b"\n", err.start) if b"\n" in data[err.start:] else len(data)]
-        cells = next(csv.reader([line.decode("utf-8", "replace")]), [])
+        header = _first_row(data.split(b"\n", 1)[0])
+        cells = _first_row(data[line_start:data.find(b"\n", err.start) if b"\n" in data[err.start:] else len(data)])
         column = next((header[i] if i < len(header) else f"#{i + 1}" for i, c in enumerate(cells) if "\ufffd" in c),
                       "?")
         raise LabelsError(f"{csv_path} line {line_no}, column {column!r}: byte 0x{data[err.start]:02x} is not UTF-8 "
