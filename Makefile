@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-slow bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The default tier plus the research comparisons over seeds (tests/README.md).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q --slow
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

@@ -85,17 +85,22 @@ def labels_import(csv: Annotated[Path, typer.Argument(help="Labels CSV with a he
                   + (f"; skipped {report.skipped} rows naming no slide in the store" if report.skipped else ""))
 
 
+Reader = StrEnum("Reader", {name: name for name in READERS})
+"""Slide reader backends, from the registry in featurestore.slides."""
+
+
 @slides_app.command("add")
 @friendly
 def slides_add(paths: Annotated[list[Path], typer.Argument(help="Slide files, folders or globs.")],
                store: StoreOpt,
-               reader: Annotated[str, typer.Option(help="auto, cucim or openslide.")] = "auto",
+               reader: Annotated[Reader, typer.Option(help="Slide reader backend; auto picks one by each file's "
+                                                      "content.")] = Reader.auto,
                assume_mpp: Annotated[float | None, typer.Option(help="µm/px for slides whose files have none.")]
                = None) -> None:
     """Register slides (metadata only) so labels can be attached before extraction."""
     from featurestore.pipelines.register import add_slides
 
-    report = add_slides(Store.open_or_create(store), list(paths), reader=reader, assume_mpp=assume_mpp)
+    report = add_slides(Store.open_or_create(store), list(paths), reader=reader.value, assume_mpp=assume_mpp)
     console.print(f"added {len(report.added)} slides, {len(report.known)} already known, "
                   f"{len(report.duplicates)} duplicate files, {len(report.failures)} failures")
     for dup, original in report.duplicates:
@@ -128,10 +133,6 @@ def demo_cohort(out: Annotated[Path, typer.Argument(help="Directory for slides/ 
 
     cohort = make_cohort(out, n_slides, size=size, seed=seed)
     console.print(f"wrote {len(cohort.slides)} slides to {out / 'slides'} and labels to {cohort.labels_csv}")
-
-
-Reader = StrEnum("Reader", {name: name for name in READERS})
-"""Slide reader backends, from the registry in featurestore.slides."""
 
 
 class Tissue(StrEnum):

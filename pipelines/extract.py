@@ -335,7 +335,8 @@ def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for pkg in ("featurestore-path", "torch", "timm", "openslide-python", "cucim-cu13", "zarr", "duckdb"):
+    for pkg in ("featurestore-path", "torch", "timm", "openslide-python", "cucim-cu13", "wsidicom", "pylibCZIrw",
+                "tifffile", "zarr", "duckdb"):
         try:
             found[pkg] = version(pkg)
         except PackageNotFoundError:
