@@ -137,6 +137,8 @@ def demo_cohort(out: Annotated[Path, typer.Argument(help="Directory for slides/ 
 
 class Tissue(StrEnum):
     otsu = "otsu"
+    grandqc = "grandqc"
+    hest = "hest"
     none = "none"
 
 
@@ -156,8 +158,11 @@ def extract(
     tile_size: Annotated[int, typer.Option(help="Tile edge in px at --mpp.")] = 224,
     overlap: Annotated[int, typer.Option(help="Overlap between tiles in px at --mpp.")] = 0,
     min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a kept tile.")] = 0.25,
-    tissue: Annotated[Tissue, typer.Option(help="Tissue detection: otsu, or none to tile everything.")]
-    = Tissue.otsu,
+    tissue: Annotated[Tissue, typer.Option(help="Tissue detection: otsu (saturation), grandqc or hest (deep "
+                                           "segmenters, weights from --tissue-weights or the hub cache), or none "
+                                           "to tile everything.")] = Tissue.otsu,
+    tissue_weights: Annotated[str | None, typer.Option(help="Checkpoint (or folder holding it) of the --tissue "
+                                                       "grandqc/hest segmenter.")] = None,
     edge: Annotated[Edge, typer.Option(help="Edge tiles: pad with white, or drop.")] = Edge.pad,
     reader: Annotated[Reader, typer.Option(help="Slide reader backend; auto picks one by each file's content "
                                            "(DICOM, CZI, OME-TIFF, TIFF, PNG/JPEG).")] = Reader.auto,
@@ -193,7 +198,7 @@ def extract(
     opts = ExtractOptions(models=tuple(model), tiling=tiling, weights=weight_map, reader=reader.value,
                           device=device, batch_size=batch_size, read_workers=read_workers,
                           cache_pixels=pixel_specs, assume_mpp=assume_mpp, dtype="float32" if float32 else "float16",
-                          teacher_views=teacher_views)
+                          teacher_views=teacher_views, tissue_weights=tissue_weights)
     if dry_run:
         print_dry_run(dry_run_counts(paths, opts), console)
         return

@@ -78,6 +78,7 @@ class ExtractOptions:
     dtype: str = "float16"
     qc: bool = True
     teacher_views: int = 1
+    tissue_weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
         with open_slide(path, opts.reader) as reader:
             stage = "tissue"
             mpp = slide.mpp_x
-            mask = tissue_mask(reader, opts.tiling, mpp=mpp)
+            mask = tissue_mask(reader, opts.tiling, mpp=mpp, weights=opts.tissue_weights, device=device)
             grid = tile_grid(reader, opts.tiling, mask, mpp=mpp)
             if already_tiled:
                 tiles = store.read_tiles(opts.tiling.id, slide_id)
@@ -366,6 +367,11 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
         raise FsError(f"--teacher-views {opts.teacher_views}: choose 1..{DIHEDRAL_VIEWS} (the dihedral views of a "
                       "square tile)")
     check_options(opts)
+    if opts.tiling.tissue_method in ("grandqc", "hest"):
+        from featurestore.slides.segmenters import load_segmenter
+
+        # Missing or misfitting segmenter weights fail the command before the store is touched.
+        load_segmenter(opts.tiling.tissue_method, opts.tissue_weights)
     found = find_slides(paths)
     if not found.slides:
         gone = f" ({len(found.missing)} do not exist, e.g. {found.missing[0]})" if found.missing else ""
@@ -423,7 +429,7 @@ def dry_run_counts(paths: list[str | Path], opts: ExtractOptions) -> list[Planne
         try:
             slide = describe_slide(path, slide_id, reader=opts.reader, assume_mpp=opts.assume_mpp)
             with open_slide(path, opts.reader) as reader:
-                mask = tissue_mask(reader, opts.tiling, mpp=slide.mpp_x)
+                mask = tissue_mask(reader, opts.tiling, mpp=slide.mpp_x, weights=opts.tissue_weights)
                 n = len(tile_grid(reader, opts.tiling, mask, mpp=slide.mpp_x))
             plan.append(PlannedSlide(str(path), slide_id, n, slide.mpp_x))
         except FsError as err:

@@ -18,7 +18,7 @@ from featurestore.schemas._record import Record, content_id, require, utcnow
 FORMAT_VERSION = 2
 """Store format version written by this code; newer stores are refused, older ones need `fs migrate`."""
 
-TissueMethod = Literal["otsu", "none"]
+TissueMethod = Literal["otsu", "grandqc", "hest", "none"]
 EdgePolicy = Literal["pad", "drop"]
 Pooling = Literal["cls", "mean", "cls+mean", "pooler"]
 StoreDtype = Literal["float16", "float32"]
@@ -87,7 +87,8 @@ class TilingSpec(Record):
         require(self.tile_size >= 8, "TilingSpec.tile_size", f"must be >= 8 px, got {self.tile_size}")
         require(0 <= self.overlap < self.tile_size, "TilingSpec.overlap",
                 f"must be in [0, tile_size), got {self.overlap}")
-        require(self.tissue_method in ("otsu", "none"), "TilingSpec.tissue_method", "choose 'otsu' or 'none'")
+        require(self.tissue_method in ("otsu", "grandqc", "hest", "none"), "TilingSpec.tissue_method",
+                f"choose 'otsu', 'grandqc', 'hest' or 'none', got {self.tissue_method!r}")
         require(0.0 <= self.min_tissue <= 1.0, "TilingSpec.min_tissue", f"must be in [0, 1], got {self.min_tissue}")
         require(self.edge in ("pad", "drop"), "TilingSpec.edge", "choose 'pad' or 'drop'")
         require(_positive(self.thumbnail_mpp), "TilingSpec.thumbnail_mpp", "must be > 0")

@@ -9,6 +9,10 @@ saturation on 0-255; tissue where saturation > max(Otsu threshold,
 ``spec.saturation_floor``) (the floor stops Otsu from splitting noise on a
 tissue-free slide); closing with a disk of ``spec.close_um``; hole filling;
 removal of 8-connected objects smaller than ``spec.min_object_um2``.
+
+``tissue_method`` ``hest`` or ``grandqc`` runs that deep segmenter instead (see
+:mod:`featurestore.slides.segmenters`) on a thumbnail at the model's own µm/px, and
+resamples its mask onto the same grid, so the result is the same :class:`TissueMask`.
 """
 
 from __future__ import annotations
@@ -89,13 +93,15 @@ def _disk(radius: int) -> np.ndarray:
     return xx * xx + yy * yy <= radius * radius
 
 
-def tissue_mask(reader: SlideReader, spec: TilingSpec, *, mpp: float | None = None) -> TissueMask:
+def tissue_mask(reader: SlideReader, spec: TilingSpec, *, mpp: float | None = None,
+                weights: str | None = None, device: str = "cpu") -> TissueMask:
     """Tissue mask of ``reader``'s slide at about ``spec.thumbnail_mpp`` µm/px.
 
     ``mpp`` overrides the file's level-0 µm/px, for slides whose resolution is
     assumed; without either, :class:`MissingMppError` is raised because every
     threshold here is physical. ``tissue_method='none'`` gives an all-true mask
-    without reading pixels.
+    without reading pixels. ``weights`` (a checkpoint, else the hub cache) and
+    ``device`` are for the deep segmenters only.
     """
     mpp0 = resolve_mpp(reader, mpp)
     target = spec.thumbnail_mpp / mpp0
@@ -104,6 +110,13 @@ def tissue_mask(reader: SlideReader, spec: TilingSpec, *, mpp: float | None = No
     mask_mpp = mpp0 * downsample
     if spec.tissue_method == "none":
         return TissueMask(np.ones((height, width), dtype=bool), mask_mpp, downsample)
+    if spec.tissue_method != "otsu":
+        from featurestore.slides.segmenters import load_segmenter, resample, segment, segmenter_config
+
+        config = segmenter_config(spec.tissue_method)  # torch is imported only for a deep segmenter
+        model = load_segmenter(config.name, weights, device)
+        native = segment(model, config, thumbnail(reader, config.mpp / mpp0))
+        return TissueMask(resample(native, (width, height)), mask_mpp, downsample)
     rgb = thumbnail(reader, target)
     saturation = np.asarray(Image.fromarray(rgb).convert("HSV"))[..., 1]
     threshold = max(otsu_threshold(saturation), spec.saturation_floor)
