@@ -144,8 +144,8 @@ def tile_grid(slide: Geometry, spec: TilingSpec, mask: TissueMask | None, *, mpp
     ``mask`` may be None only with ``tissue_method='none'``.
     """
     if mask is None and spec.tissue_method != "none":
-        raise ValueError("tile_grid needs a tissue mask when tissue_method is 'otsu'; compute one with "
-                         "tissue_mask()")
+        raise ValueError(f"tile_grid needs a tissue mask when tissue_method is {spec.tissue_method!r}; compute "
+                         "one with tissue_mask()")
     width, height = slide.dimensions
     downsamples = slide.level_downsamples
     scale = spec.target_mpp / mpp
