@@ -370,8 +370,9 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
     if opts.tiling.tissue_method in ("grandqc", "hest"):
         from featurestore.slides.segmenters import load_segmenter
 
-        # Missing or misfitting segmenter weights fail the command before the store is touched.
-        load_segmenter(opts.tiling.tissue_method, opts.tissue_weights)
+        # Missing or misfitting segmenter weights fail the command before the store is touched. Loaded on
+        # the device the slides use, so an in-process run finds this model in the cache instead of loading twice.
+        load_segmenter(opts.tiling.tissue_method, opts.tissue_weights, str(resolve_device(opts.device)))
     found = find_slides(paths)
     if not found.slides:
         gone = f" ({len(found.missing)} do not exist, e.g. {found.missing[0]})" if found.missing else ""
