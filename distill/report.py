@@ -26,6 +26,7 @@ from featurestore.devices import autocast
 from featurestore.distill import metrics as M
 from featurestore.distill.data import BagReader, grid_positions
 from featurestore.distill.errors import RunDirError
+from featurestore.distill.rundir import write_json
 from featurestore.distill.runtime import load_checkpoint
 from featurestore.distill.tasks import Classification, Ordinal, Survival, Task, task_from_dict
 from featurestore.store import Store
@@ -106,7 +107,7 @@ def summarize(task: Task, predictions: pa.Table, *, n_boot: int = 1000, seed: in
 def write_report(run_dir: Path, task: Task, predictions: pa.Table, *, n_boot: int = 1000) -> dict[str, Any]:
     """``metrics.json`` and the task's curves (roc.png, km.png or scatter.png) in ``run_dir``."""
     result = summarize(task, predictions, n_boot=n_boot)
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(run_dir / "metrics.json", result)
     c = _columns(predictions)
     first = c["seed"] == c["seed"].min()
     if isinstance(task, Classification | Ordinal):
