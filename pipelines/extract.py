@@ -15,7 +15,6 @@ store builds no teacher.
 from __future__ import annotations
 
 import os
-import platform
 import socket
 import time
 import traceback
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featurestore.devices import resolve_device
+from featurestore.pipelines._versions import versions
 from featurestore.pipelines.discover import find_slides
 from featurestore.pipelines.register import describe_slide
 from featurestore.schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec, utcnow
@@ -331,19 +331,9 @@ class ExtractReport:
         return sum(o.tiles for o in self.outcomes)
 
 
-def _versions() -> str:
-    import json
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for pkg in ("featurestore-path", "torch", "timm", "openslide-python", "cucim-cu13", "wsidicom", "pylibCZIrw",
-                "tifffile", "zarr", "duckdb"):
-        try:
-            found[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    found["python"] = platform.python_version()
-    return json.dumps(found, sort_keys=True)
+# What decides the embeddings a run writes: the network, the reader that decoded the pixels, the store.
+_VERSIONED = ("featurestore-path", "torch", "timm", "openslide-python", "cucim-cu13", "wsidicom", "pylibCZIrw",
+              "tifffile", "zarr", "duckdb")
 
 
 def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions, *, workers: int = 0,
@@ -394,7 +384,7 @@ def run_extract(paths: list[str | Path], store_path: Path, opts: ExtractOptions,
         for name in opts.models:
             if name in needed:
                 load_teacher(name, opts, device)
-    run = Run(run_id=f"run-{time.time_ns()}-{os.getpid()}", command=command, versions=_versions(),
+    run = Run(run_id=f"run-{time.time_ns()}-{os.getpid()}", command=command, versions=versions(*_VERSIONED),
               host=socket.gethostname(), started_at=utcnow())
     store.register(run)
     if on_start:

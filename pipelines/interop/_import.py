@@ -11,7 +11,6 @@ import glob
 import hashlib
 import json
 import os
-import platform
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from featurestore.pipelines._versions import versions
 from featurestore.pipelines.discover import SLIDE_SUFFIXES, fingerprint
 from featurestore.pipelines.interop._hdf5 import encode_attr, h5py
 from featurestore.pipelines.interop._layout import Header, ImportOptions, Placement
@@ -205,18 +205,6 @@ def feature_files(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
     return list(dict.fromkeys(files)), missing
 
 
-def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for pkg in ("featurestore-path", "h5py", "numpy"):
-        try:
-            found[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return json.dumps(found, sort_keys=True)
-
-
 def import_features(store: Store, paths: list[str | Path], opts: ImportOptions = _DEFAULTS, *,
                     command: str = "fs import",
                     on_file: Callable[[Path], None] | None = None) -> ImportReport:
@@ -236,8 +224,8 @@ def import_features(store: Store, paths: list[str | Path], opts: ImportOptions =
     plans = [_plan(_read_header(f, opts.layout), opts, slides) for f in files]
     plans = _check_plans(store, plans)
     run_id = f"run-{time.time_ns()}-{os.getpid()}"
-    run = Run(run_id=run_id, command=command, versions=_versions(), host=socket.gethostname(),
-              started_at=utcnow())
+    run = Run(run_id=run_id, command=command, versions=versions("featurestore-path", "h5py", "numpy"),
+              host=socket.gethostname(), started_at=utcnow())
     store.register(run)
     t0 = time.perf_counter()
     done = _done_imports(store)
