@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from featurestore.devices import autocast
 from featurestore.distill import metrics as M
 
 
@@ -172,9 +173,7 @@ def tiles_per_second(module: nn.Module, input_size: int, device: torch.device, *
     """Measured inference throughput on ``device`` (autocast on CUDA), after one warm-up batch."""
     module.eval()
     x = torch.zeros(batch, 3, input_size, input_size, device=device).contiguous(memory_format=torch.channels_last)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                    enabled=False)
-    with torch.inference_mode(), amp:
+    with torch.inference_mode(), autocast(device):
         module(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
