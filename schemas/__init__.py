@@ -26,6 +26,7 @@ from featurestore.schemas.errors import (
 )
 from featurestore.schemas.records import (
     FORMAT_VERSION,
+    QUALITY_DEFAULTS,
     Bag,
     EmbeddingSet,
     EncoderSpec,
@@ -38,12 +39,16 @@ from featurestore.schemas.records import (
     tile_id,
 )
 from featurestore.schemas.tables import (
+    ANNOTATIONS_SCHEMA,
     FREE_TABLES,
     IMPORTS_SCHEMA,
     LABELS_SCHEMA,
     PREDICTIONS_SCHEMA,
     SLIDE_EMBEDDINGS_SCHEMA,
+    SLIDE_FEATURES_SCHEMA,
     TABLES,
+    TILE_ANNOTATIONS_SCHEMA,
+    TileQuality,
     arrow_schema,
     from_row,
     stored_schema,
@@ -52,12 +57,13 @@ from featurestore.schemas.tables import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "FREE_TABLES", "IMPORTS_SCHEMA", "LABELS_SCHEMA", "PREDICTIONS_SCHEMA",
-    "SLIDE_EMBEDDINGS_SCHEMA", "TABLES", "Bag", "BagNotFoundError", "EmbeddingSet",
-    "EncoderSpec", "Failure", "FsError", "InvalidArgumentError",
-    "InvalidRecordError", "LabelsError", "MissingDependencyError", "MissingMppError", "ModelError", "NotAStoreError",
-    "NotFoundError", "PixelsNotCachedError", "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "SqlError",
-    "StoreDamageError", "StoreExistsError", "StoreVersionError", "StoreWriteError", "Tile", "TileIdsNotFoundError",
-    "TilesNotFoundError", "TilingSpec", "UnknownEmbeddingSetError", "arrow_schema",
-    "from_row", "stored_schema", "tile_id", "to_row", "to_table", "utcnow",
+    "ANNOTATIONS_SCHEMA", "FORMAT_VERSION", "FREE_TABLES", "IMPORTS_SCHEMA", "LABELS_SCHEMA",
+    "PREDICTIONS_SCHEMA", "QUALITY_DEFAULTS", "SLIDE_EMBEDDINGS_SCHEMA", "SLIDE_FEATURES_SCHEMA", "TABLES",
+    "TILE_ANNOTATIONS_SCHEMA", "arrow_schema", "Bag", "BagNotFoundError", "EmbeddingSet", "EncoderSpec",
+    "Failure", "from_row", "FsError", "InvalidArgumentError", "InvalidRecordError", "LabelsError",
+    "MissingDependencyError", "MissingMppError", "ModelError", "NotAStoreError", "NotFoundError",
+    "PixelsNotCachedError", "ReadOnlyError", "Run", "Slide", "SlideError", "SlideTiling", "SqlError",
+    "stored_schema", "StoreDamageError", "StoreExistsError", "StoreVersionError", "StoreWriteError", "Tile",
+    "tile_id", "TileIdsNotFoundError", "TileQuality", "TilesNotFoundError", "TilingSpec", "to_row", "to_table",
+    "UnknownEmbeddingSetError", "utcnow",
 ]

@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from featurestore.schemas._record import Record, content_id, require, utcnow
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Store format version written by this code; newer stores are refused, older ones need `fs migrate`."""
 
 TissueMethod = Literal["otsu", "grandqc", "hest", "none"]
@@ -59,6 +59,10 @@ class Slide(Record):
         require(self.level_count >= 1, "Slide.level_count", f"must be >= 1: {self.path}")
 
 
+QUALITY_DEFAULTS = {"min_sharpness": 0.0, "max_pen": 1.0, "max_background": 1.0}
+"""``TilingSpec``'s quality limits that keep every tile."""
+
+
 @dataclass(frozen=True, slots=True)
 class TilingSpec(Record):
     """How tiles are cut: physical size (µm/px × px), overlap, tissue detection, edges.
@@ -81,6 +85,9 @@ class TilingSpec(Record):
     min_object_um2: float = 20000.0
     min_tissue: float = 0.25
     edge: EdgePolicy = "pad"
+    min_sharpness: float = 0.0
+    max_pen: float = 1.0
+    max_background: float = 1.0
 
     def validate(self) -> None:
         require(_positive(self.target_mpp), "TilingSpec.target_mpp", f"must be > 0, got {self.target_mpp}")
@@ -92,10 +99,23 @@ class TilingSpec(Record):
         require(0.0 <= self.min_tissue <= 1.0, "TilingSpec.min_tissue", f"must be in [0, 1], got {self.min_tissue}")
         require(self.edge in ("pad", "drop"), "TilingSpec.edge", "choose 'pad' or 'drop'")
         require(_positive(self.thumbnail_mpp), "TilingSpec.thumbnail_mpp", "must be > 0")
+        require(self.min_sharpness >= 0.0, "TilingSpec.min_sharpness", f"must be >= 0, got {self.min_sharpness}")
+        for name in ("max_pen", "max_background"):
+            value = getattr(self, name)
+            require(0.0 <= value <= 1.0, f"TilingSpec.{name}", f"must be in [0, 1], got {value}")
 
     @property
     def id(self) -> str:
-        return content_id(self.to_dict())
+        payload = self.to_dict()
+        for name, default in QUALITY_DEFAULTS.items():
+            if payload[name] == default:
+                del payload[name]
+        return content_id(payload)
+
+    @property
+    def filters_quality(self) -> bool:
+        """Whether the quality limits can drop a tile."""
+        return any(getattr(self, name) != default for name, default in QUALITY_DEFAULTS.items())
 
     @property
     def stride(self) -> int:
@@ -116,6 +136,11 @@ class Tile(Record):
     ``read_size`` is the square edge read at ``level`` before resizing to the
     tiling's ``tile_size``; ``x``/``y`` are level-0 pixel coordinates of its
     top-left corner.
+
+    Quality measures, on the tile as the encoder sees it (None where a tile was never read, e.g.
+    imported features): ``sharpness`` is the variance of the Laplacian of its grey levels (0-255;
+    low means blurred or empty), ``pen_fraction`` the share of pixels in ink colours, and
+    ``background_fraction`` the share of bright, unstained pixels.
     """
 
     KIND: ClassVar[str] = "tile"
@@ -127,11 +152,18 @@ class Tile(Record):
     level: int
     read_size: int
     tissue_fraction: float
+    sharpness: float | None = None
+    pen_fraction: float | None = None
+    background_fraction: float | None = None
 
     def validate(self) -> None:
         require(self.tile_index >= 0, "Tile.tile_index", f"must be >= 0, got {self.tile_index}")
         require(self.level >= 0 and self.read_size > 0, "Tile", f"bad read level/size {self.level}/{self.read_size}")
         require(0.0 <= self.tissue_fraction <= 1.0, "Tile.tissue_fraction", f"out of [0,1]: {self.tissue_fraction}")
+        require(self.sharpness is None or self.sharpness >= 0.0, "Tile.sharpness", f"must be >= 0: {self.sharpness}")
+        for name in ("pen_fraction", "background_fraction"):
+            value = getattr(self, name)
+            require(value is None or 0.0 <= value <= 1.0, f"Tile.{name}", f"out of [0,1]: {value}")
 
     @property
     def tile_id(self) -> int:

@@ -11,8 +11,9 @@ import dataclasses
 import types
 import typing
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
 
 from featurestore.schemas._record import Record
@@ -86,9 +87,55 @@ IMPORTS_SCHEMA = pa.schema([
 """Provenance of ``fs import``: one row per imported feature file; ``source_coords`` (flattened n × 2)
 only when they are not level-0 pixels."""
 
+ANNOTATIONS_SCHEMA = pa.schema([
+    ("slide_id", pa.string()), ("class_name", pa.string()), ("geometry", pa.string()), ("area", pa.float64()),
+    ("source_path", pa.string()), ("source_sha256", pa.string()), ("imported_at", pa.timestamp("us", tz="UTC")),
+])
+"""Annotations drawn on a slide (``fs annotations import``): one row per class, ``geometry`` the union of
+its shapes as GeoJSON in level-0 pixels, ``area`` in level-0 px². A slide's latest import replaces all of
+its rows."""
+
+TILE_ANNOTATIONS_SCHEMA = pa.schema([
+    ("slide_id", pa.string()), ("tiling_id", pa.string()), ("tile_index", pa.int64()), ("tile_id", pa.int64()),
+    ("class_name", pa.string()), ("overlap", pa.float64()),
+])
+"""Each tile's overlap with each annotation class: the fraction of the tile's area inside the class,
+rows only where it is above zero. The latest commit of a (slide, tiling) replaces all of its rows."""
+
+SLIDE_FEATURES_SCHEMA = pa.schema([
+    ("set_id", pa.string()), ("slide_id", pa.string()), ("encoder", pa.string()), ("encoder_id", pa.string()),
+    ("tiles_set_id", pa.string()), ("bag_commit_id", pa.string()), ("n_tiles", pa.int64()),
+    ("embedding", pa.list_(pa.float32())),
+])
+"""Slide embeddings computed by a slide encoder from one tile embedding set (``fs slide-encode``):
+``tiles_set_id`` the input set, ``bag_commit_id`` the commit of the bag it read."""
+
 FREE_TABLES: dict[str, pa.Schema] = {"labels": LABELS_SCHEMA, "predictions": PREDICTIONS_SCHEMA,
-                                     "slide_embeddings": SLIDE_EMBEDDINGS_SCHEMA, "imports": IMPORTS_SCHEMA}
+                                     "slide_embeddings": SLIDE_EMBEDDINGS_SCHEMA, "imports": IMPORTS_SCHEMA,
+                                     "annotations": ANNOTATIONS_SCHEMA, "tile_annotations": TILE_ANNOTATIONS_SCHEMA,
+                                     "slide_features": SLIDE_FEATURES_SCHEMA}
 """Tables written as Arrow tables rather than records (their schema is open or columnar)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TileQuality:
+    """Quality measures of a slide's tiles, one value per tile in tile order (see ``Tile``)."""
+
+    COLUMNS: ClassVar[tuple[str, ...]] = ("sharpness", "pen_fraction", "background_fraction")
+    sharpness: np.ndarray
+    pen_fraction: np.ndarray
+    background_fraction: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.sharpness)
+
+    def take(self, index: np.ndarray) -> TileQuality:
+        return TileQuality(*(np.asarray(getattr(self, c))[index] for c in self.COLUMNS))
+
+    @staticmethod
+    def concat(parts: list[TileQuality]) -> TileQuality:
+        return TileQuality(*(np.concatenate([np.asarray(getattr(p, c), np.float64) for p in parts])
+                             if parts else np.empty(0) for c in TileQuality.COLUMNS))
 
 
 def _arrow_type(hint: Any) -> tuple[pa.DataType, bool]:

@@ -28,6 +28,7 @@ from featurestore.schemas import (
     Slide,
     SlideTiling,
     StoreExistsError,
+    TileQuality,
     TilingSpec,
     stored_schema,
     tile_id,
@@ -62,11 +63,18 @@ class StoreDamageWarning(UserWarning):
 
 
 def tiles_table(slide_id: str, tiling_id: str, x: np.ndarray, y: np.ndarray, level: int, read_size: int,
-                tissue_fraction: np.ndarray) -> pa.Table:
-    """Build a slide's tiles table column-wise (a slide can have 100k tiles; no per-row records)."""
+                tissue_fraction: np.ndarray, quality: TileQuality | None = None) -> pa.Table:
+    """Build a slide's tiles table column-wise (a slide can have 100k tiles; no per-row records).
+
+    ``quality`` holds the tiles' measures in the same order; without it they are null.
+    """
     n = len(x)
     ids = np.fromiter((tile_id(slide_id, tiling_id, i) for i in range(n)), dtype=np.int64, count=n)
     schema = stored_schema(TileRecord).remove(stored_schema(TileRecord).get_field_index("commit_id"))
+    if quality is not None and len(quality) != n:
+        raise InvalidRecordError(f"slide {slide_id}: {len(quality)} quality rows for {n} tiles")
+    measures = {name: pa.nulls(n, pa.float64()) if quality is None else np.asarray(getattr(quality, name), np.float64)
+                for name in TileQuality.COLUMNS}
     return pa.table({
         "slide_id": pa.array([slide_id] * n, pa.string()),
         "tiling_id": pa.array([tiling_id] * n, pa.string()),
@@ -74,6 +82,7 @@ def tiles_table(slide_id: str, tiling_id: str, x: np.ndarray, y: np.ndarray, lev
         "x": np.asarray(x, np.int64), "y": np.asarray(y, np.int64),
         "level": np.full(n, level, np.int64), "read_size": np.full(n, read_size, np.int64),
         "tissue_fraction": np.asarray(tissue_fraction, np.float64),
+        **measures,
         "tile_id": ids,
     }, schema=schema)
 
