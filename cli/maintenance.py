@@ -69,8 +69,13 @@ def vacuum(store: StoreOpt,
 @friendly
 def migrate_store(store: Annotated[Path, typer.Argument(help="Store directory to upgrade in place.")]) -> None:
     """Upgrade an older store to this code's format, atomically (stop every writer first)."""
-    n = migrate(store)
-    console.print(f"{store}: already current" if n == 0 else f"{store}: migrated, {n} commits logged")
+    r = migrate(store)
+    if not r.changed:
+        console.print(f"{store}: already current (format {r.to_version})")
+        return
+    logged = f", {r.commits_logged} commits logged" if r.commits_logged else ""
+    folded = f", checkpoint at version {r.checkpoint}" if r.checkpoint is not None else ""
+    console.print(f"{store}: format {r.from_version} → {r.to_version}{logged}{folded}")
 
 
 def register(app: typer.Typer) -> None:

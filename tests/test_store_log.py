@@ -230,7 +230,8 @@ def test_migrate_upgrades_a_format_1_store_and_survives_a_crash(tmp_path, tiling
             migrate(tmp_path / "s")
     with pytest.raises(StoreVersionError, match="fs migrate"):
         Store.open(tmp_path / "s")
-    assert migrate(tmp_path / "s") == 5
+    report = migrate(tmp_path / "s")
+    assert (report.from_version, report.to_version, report.commits_logged) == (1, 3, 5)
     migrated = Store.open(tmp_path / "s")
     assert migrated.sql("SELECT slide_id, tile_index, embedding FROM emb_test_enc ORDER BY ALL") == before
     assert not migrated.verify(deep=True).problems

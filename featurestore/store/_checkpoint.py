@@ -21,6 +21,7 @@ from pathlib import Path
 
 import duckdb
 
+from featurestore.schemas import FORMAT_VERSION
 from featurestore.store import _sql
 from featurestore.store._commit import fsync_tree
 from featurestore.store._layout import (
@@ -36,19 +37,18 @@ from featurestore.store._layout import (
 from featurestore.store._snapshot import CHECKPOINT_FILE, Checkpoint, Part, State, latest_checkpoint
 
 
-def _resolved(name: str, files: list[Path]) -> str:
-    """The rows of ``files`` that can still matter: each key's latest row, the current tiles, all failures."""
-    listed = ", ".join(_sql.quote(str(f)) for f in files)
-    source = f"read_parquet([{listed}], union_by_name=true)"
+def _resolved(name: str, files: list[Path], *, legacy: bool) -> str:
+    """The rows of ``files`` that can still matter: each key's latest row, the current tiles, all failures.
+
+    The result has the table's current columns, so a part folded from older files is of the current format.
+    """
+    source = f"({_sql.read_files(name, files, legacy=legacy)})"
     if name == "tiles":
         return (f"SELECT t.* FROM {source} t SEMI JOIN slide_tilings st ON t.slide_id = st.slide_id "
                 "AND t.tiling_id = st.tiling_id AND t.commit_id = st.commit_id "
                 "ORDER BY t.slide_id, t.tiling_id, t.tile_index")
-    if name in _sql.KEYS:
-        keys = ", ".join(_sql.KEYS[name])
-        return (f"SELECT * FROM {source} QUALIFY row_number() OVER (PARTITION BY {keys} "
-                f"ORDER BY commit_id DESC) = 1 ORDER BY {keys}")
-    return f"SELECT * FROM {source} ORDER BY commit_id"
+    keys = _sql.KEYS.get(name) or _sql.GROUPS.get(name) or ("commit_id",)
+    return f"{_sql.latest(name, source)} ORDER BY {', '.join(keys)}"
 
 
 def _copy(con: duckdb.DuckDBPyConnection, select: str, path: Path, row_group: int) -> int:
@@ -64,11 +64,11 @@ one row per slide, and small groups keep their lookups cheap."""
 
 
 def _write_part(con: duckdb.DuckDBPyConnection, root: Path, table: str, files: list[Path], lo: int, hi: int,
-                level: int) -> Part:
+                level: int, *, legacy: bool) -> Part:
     """The rows of ``files`` that still matter as one new part, written under a temporary name then renamed."""
     name = f"{table}-{version_name(lo)}-{version_name(hi)}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = root / PARTS / f".{name}.tmp"
-    size = _copy(con, _resolved(table, files), tmp, ROW_GROUP.get(table, 2048))
+    size = _copy(con, _resolved(table, files, legacy=legacy), tmp, ROW_GROUP.get(table, 2048))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.rename(tmp, root / PARTS / name)
@@ -78,7 +78,7 @@ def _write_part(con: duckdb.DuckDBPyConnection, root: Path, table: str, files: l
 def write(state: State, *, compact: bool = False) -> Checkpoint | None:
     """Write the checkpoint of ``state``; None if another process wrote this version first."""
     root = state.root
-    if state.checkpoint is not None and state.checkpoint.version == state.version and not compact:
+    if state.checkpoint is not None and state.checkpoint.version == state.version and not (compact or state.legacy):
         return state.checkpoint
     con = _sql.connect(state)
     staging = root / STAGING / f"checkpoint-{version_name(state.version)}-{uuid.uuid4().hex[:8]}"
@@ -90,15 +90,22 @@ def write(state: State, *, compact: bool = False) -> Checkpoint | None:
         for name in _sql.table_names():
             table_parts = list(state.checkpoint.parts.get(name, ())) if state.checkpoint else []
             tail = [root / COMMITS / e.commit_id / f"{name}.parquet" for e in state.entries if name in e.tables]
-            if tail:
-                table_parts.append(_write_part(con, root, name, tail, state.entries[0].version, state.version, 0))
+            if state.legacy and (table_parts or tail):
+                # Files of a migrated store's older format: fold them all into one part of the current format.
+                lo = table_parts[0].lo if table_parts else state.entries[0].version
+                level = max((p.level for p in table_parts), default=0) + 1
+                table_parts = [_write_part(con, root, name, [root / p.path for p in table_parts] + tail, lo,
+                                           state.version, level, legacy=True)]
+            elif tail:
+                table_parts.append(_write_part(con, root, name, tail, state.entries[0].version, state.version, 0,
+                                               legacy=False))
             while len(table_parts) > 1 and (compact or table_parts[-1].level >= table_parts[-2].level):
                 a, b = table_parts[-2], table_parts[-1]
                 table_parts[-2:] = [_write_part(con, root, name, [root / a.path, root / b.path], a.lo, b.hi,
-                                                max(a.level, b.level) + 1)]
+                                                max(a.level, b.level) + 1, legacy=False)]
             parts[name] = tuple(table_parts)
         fsync_dir(root / PARTS)
-        ckpt = Checkpoint(state.version, parts, state.bytes())
+        ckpt = Checkpoint(state.version, parts, state.bytes(), FORMAT_VERSION)
         write_json_atomic(staging / CHECKPOINT_FILE, ckpt.to_dict())
         fsync_tree(staging)
         (root / CHECKPOINTS).mkdir(exist_ok=True)

@@ -66,9 +66,18 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_marker(root: Path, version: int = FORMAT_VERSION) -> None:
-    write_json_atomic(root / MARKER, {"format": FORMAT_NAME, "format_version": version,
-                                      "created_at": utcnow().isoformat()})
+def write_marker(root: Path, version: int = FORMAT_VERSION, *, migrated_from: int | None = None) -> None:
+    """The format marker; a migrated store records the format its older files were written in."""
+    meta = {"format": FORMAT_NAME, "format_version": version, "created_at": utcnow().isoformat()}
+    if migrated_from is not None:
+        meta["migrated_from"] = migrated_from
+    write_json_atomic(root / MARKER, meta)
+
+
+def migrated_from(root: Path) -> int | None:
+    """The format a migrated store was upgraded from (its older files are of that format), else None."""
+    value = json.loads((root / MARKER).read_text()).get("migrated_from")
+    return value if type(value) is int else None
 
 
 def read_marker_version(root: Path) -> int:

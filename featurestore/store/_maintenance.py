@@ -1,4 +1,4 @@
-"""Keeping a store healthy: compact, verify, drop damaged commits, vacuum, and migrate format 1.
+"""Keeping a store healthy: compact, verify, drop damaged commits, vacuum, and migrate older formats.
 
 Each of these is safe while writers commit: they read immutable versions, publish through the
 log like any writer, and delete only what no snapshot younger than the retention period can name.
@@ -27,6 +27,7 @@ from featurestore.store._layout import (
     PARTS,
     STAGING,
     fsync_dir,
+    migrated_from,
     read_marker_version,
     version_name,
     write_marker,
@@ -246,21 +247,49 @@ def _mark_superseded(directory: Path, prefix: str) -> int | None:
     return _remove(target)
 
 
-def migrate(root: Path) -> int:
-    """Upgrade a format-1 store in place; return the number of commits logged.
+@dataclass(frozen=True)
+class MigrateReport:
+    from_version: int
+    to_version: int
+    commits_logged: int
+    checkpoint: int | None
 
-    Format 1 had commit directories but no log, manifests or checkpoints. Migration writes a
-    manifest into each commit, builds the log in ``log.migrating/``, renames it to ``log/`` and
-    checkpoints; only then is the marker switched to the new version, so a crash at any point
-    leaves a format-1 store that the old code still reads and ``fs migrate`` can run again.
-    No writer may run during a migration.
+    @property
+    def changed(self) -> bool:
+        return self.from_version != self.to_version or self.checkpoint is not None
+
+
+def migrate(root: Path) -> MigrateReport:
+    """Upgrade a store of an older format in place.
+
+    Format 1 had commit directories but no log, manifests or checkpoints: migration writes a manifest
+    into each commit and builds the log in ``log.migrating/`` before renaming it to ``log/``. Format 2
+    lacks the ``tiles`` quality columns, the tiling quality limits and the annotation and slide-feature
+    tables: nothing of it is rewritten; the marker records ``migrated_from`` and readers fill the missing
+    columns with nulls until a checkpoint of the current format folds the older files. Migration writes
+    that checkpoint (as ``fs compact`` does) right after switching the marker. A crash before the switch
+    leaves a store of the old format that ``fs migrate`` takes again; a crash after it leaves a current
+    store that reads correctly, and ``fs migrate`` then only writes the checkpoint. Stop every writer of
+    older code before migrating.
     """
     version = read_marker_version(root)
-    if version == FORMAT_VERSION:
-        return 0
-    if version != 1:
+    if version > FORMAT_VERSION:
         raise StoreVersionError(f"{root}: store format version {version} cannot be migrated by this code "
                                 f"(it reads {FORMAT_VERSION}); upgrade with `pip install -U featurestore-path`")
+    source = migrated_from(root) if version == FORMAT_VERSION else version
+    if source is None:
+        return MigrateReport(version, version, 0, None)
+    logged = _log_format_1(root) if version == 1 else 0
+    if version != FORMAT_VERSION:
+        write_marker(root, FORMAT_VERSION, migrated_from=source)
+    resolver = Resolver(root, migrated=True)
+    if not resolver.resolve().legacy:
+        return MigrateReport(version, FORMAT_VERSION, logged, None)
+    return MigrateReport(version, FORMAT_VERSION, logged, compact(root, resolver).version)
+
+
+def _log_format_1(root: Path) -> int:
+    """Give a format-1 store its manifests and log; return the number of commits logged."""
     for leftover in (root / f"{LOG}.migrating", root / LOG, root / CHECKPOINTS, root / PARTS):
         shutil.rmtree(leftover, ignore_errors=True)
     building = root / f"{LOG}.migrating"
@@ -282,8 +311,6 @@ def migrate(root: Path) -> int:
     os.rename(building, root / LOG)
     fsync_dir(root)
     (root / CHECKPOINTS).mkdir(exist_ok=True)
-    _checkpoint.write(Resolver(root).resolve(len(commits), use_checkpoint=False))
-    write_marker(root, FORMAT_VERSION)
     return len(commits) + 1
 
 

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featurestore.schemas import FORMAT_VERSION
 from featurestore.store import _log
 from featurestore.store._layout import CHECKPOINTS, COMMITS, LAST_CHECKPOINT, version_name
 from featurestore.store._manifest import Damage, size_damage
@@ -45,15 +46,17 @@ class Checkpoint:
     parts: dict[str, tuple[Part, ...]]
     bytes: int = 0
     """Total size of the commits folded in (as their log entries recorded)."""
+    format: int = 2
+    """Store format its parts are written in (checkpoints of format 2 did not record it)."""
 
     def to_dict(self) -> dict:
         return {"version": self.version, "parts": {k: [p.to_list() for p in v] for k, v in self.parts.items()},
-                "bytes": self.bytes}
+                "bytes": self.bytes, "format": self.format}
 
     @classmethod
     def from_dict(cls, d: dict) -> Checkpoint:
         return cls(int(d["version"]), {k: tuple(Part.from_list(p) for p in v) for k, v in d["parts"].items()},
-                   int(d.get("bytes", 0)))
+                   int(d.get("bytes", 0)), int(d.get("format", 2)))
 
     def files(self) -> list[tuple[str, int]]:
         return [(p.path, p.size) for parts in self.parts.values() for p in parts]
@@ -69,6 +72,9 @@ class State:
     entries: tuple[_log.LogEntry, ...]
     damaged: tuple[tuple[_log.LogEntry, Damage], ...] = ()
     dropped: frozenset[str] = field(default_factory=frozenset)
+    legacy: bool = False
+    """Whether some of its files may predate the current format's columns (a migrated store read without a
+    current checkpoint): such files are read by column name, missing columns as nulls."""
 
     def table_files(self, name: str) -> list[Path]:
         """Parquet files whose rows make up table ``name`` at this version (before key resolution)."""
@@ -130,8 +136,9 @@ def latest_checkpoint(root: Path, upto: int | None = None) -> Checkpoint | None:
 class Resolver:
     """Resolves snapshots, remembering immutable log entries so a re-resolve reads only new ones."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, migrated: bool = False) -> None:
         self.root = root
+        self.migrated = migrated
         self._entries: dict[int, _log.LogEntry] = {}
         self.known = 0
 
@@ -171,7 +178,8 @@ class Resolver:
                 live.append(e)
         for v in [v for v in self._entries if v < start]:
             del self._entries[v]
-        return State(self.root, version, ckpt, tuple(live), tuple(damaged), frozenset(dropped))
+        legacy = self.migrated and (ckpt is None or ckpt.format < FORMAT_VERSION)
+        return State(self.root, version, ckpt, tuple(live), tuple(damaged), frozenset(dropped), legacy)
 
 
 def _table_damage(root: Path, entry: _log.LogEntry) -> list[Damage]:

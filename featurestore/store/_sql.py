@@ -38,8 +38,16 @@ KEYS: dict[str, tuple[str, ...]] = {
     "predictions": ("run_id", "slide_id", "seed", "fold"),
     "slide_embeddings": ("set_id", "slide_id", "bag_commit_id"),
     "imports": ("set_id", "slide_id"),
+    "slide_features": ("set_id", "slide_id"),
 }
 """Rows with equal keys are versions of one thing; the latest commit wins. Failures keep history."""
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "annotations": ("slide_id",),
+    "tile_annotations": ("slide_id", "tiling_id"),
+}
+"""Tables whose rows come in groups: the latest commit of a group replaces all of the group's rows
+(a slide's annotation import brings every class and every overlap at once)."""
 
 RAW = "store_files"
 """Schema of the unresolved per-file views (every version of every row); SHOW TABLES lists only ``main``."""
@@ -111,31 +119,50 @@ NO_EXTENSIONS = "SET autoinstall_known_extensions = false; SET autoload_known_ex
 """User SQL can neither fetch nor load an extension (``read_csv('http://…')`` would install httpfs)."""
 
 
+def typed_empty(name: str) -> str:
+    """A zero-row table with ``name``'s current columns, defined on every connection."""
+    return f"{RAW}._typed_{name}"
+
+
+def read_files(name: str, files: list, *, legacy: bool) -> str:
+    """SQL reading ``files`` of table ``name`` with exactly the current columns (older files get nulls).
+
+    Files written before a column existed (``legacy`` snapshots of migrated stores) are read by name and
+    completed from the typed empty table; otherwise columns match by position, and only labels vary,
+    because union_by_name makes DuckDB open every file when the view is defined rather than when read.
+    """
+    listed = ", ".join(quote(str(f)) for f in files)
+    if not (legacy or name in VARIABLE_COLUMNS):
+        return f"SELECT * FROM read_parquet([{listed}])"
+    return (f"SELECT * FROM {typed_empty(name)} UNION ALL BY NAME "
+            f"SELECT * FROM read_parquet([{listed}], union_by_name=true)")
+
+
+def latest(name: str, source: str) -> str:
+    """The rows of ``source`` that the newest commit of their key (or group) wrote."""
+    if name in KEYS:
+        keys = ", ".join(KEYS[name])
+        return f"SELECT * FROM {source} QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY commit_id DESC) = 1"
+    if name in GROUPS:
+        keys = ", ".join(GROUPS[name])
+        return f"SELECT * FROM {source} QUALIFY commit_id = max(commit_id) OVER (PARTITION BY {keys})"
+    return f"SELECT * FROM {source}"
+
+
 def connect(state: State) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection whose table views read exactly the files of ``state``."""
     con = duckdb.connect(":memory:")
     con.execute(f"CREATE SCHEMA {RAW}")
     for name in table_names():
         raw = f"{RAW}.{name}"
+        con.register("_empty", empty_schema(name).empty_table())
+        con.execute(f"CREATE TABLE {typed_empty(name)} AS SELECT * FROM _empty")
+        con.unregister("_empty")
         files = state.table_files(name)
-        if files:
-            # Only labels vary in columns between files; elsewhere union_by_name would make DuckDB open
-            # every file when the view is defined, instead of when a query reads the table.
-            listed = ", ".join(quote(str(f)) for f in files)
-            union = ", union_by_name=true" if name in VARIABLE_COLUMNS else ""
-            con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet([{listed}]{union})")
-        else:
-            con.register("_empty", empty_schema(name).empty_table())
-            con.execute(f"CREATE TABLE {raw} AS SELECT * FROM _empty")
-            con.unregister("_empty")
-        if name == "tiles":
-            continue
-        if name in KEYS:
-            keys = ", ".join(KEYS[name])
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM {raw} "
-                        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY commit_id DESC) = 1")
-        else:
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM {raw}")
+        source = read_files(name, files, legacy=state.legacy) if files else f"SELECT * FROM {typed_empty(name)}"
+        con.execute(f"CREATE VIEW {raw} AS {source}")
+        if name != "tiles":
+            con.execute(f"CREATE VIEW {name} AS {latest(name, raw)}")
     con.execute(f"CREATE VIEW tiles AS SELECT t.* FROM {RAW}.tiles t JOIN slide_tilings st "
                 "ON t.slide_id = st.slide_id AND t.tiling_id = st.tiling_id AND t.commit_id = st.commit_id")
     con.execute(NO_EXTENSIONS)

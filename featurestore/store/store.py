@@ -45,6 +45,7 @@ from featurestore.store._layout import (
     MARKER,
     STAGING,
     check_marker,
+    migrated_from,
     write_marker,
 )
 from featurestore.store._snapshot import Resolver
@@ -126,7 +127,7 @@ class Store:
     def __init__(self, root: Path, *, read_only: bool) -> None:
         self.root = Path(root)
         self.read_only = read_only
-        self._resolver = Resolver(self.root)
+        self._resolver = Resolver(self.root, migrated=migrated_from(self.root) is not None)
         self._snapshot: Snapshot | None = None
         self._known_ids: set[str] | None = None
         self._warned: set[str] = set()
