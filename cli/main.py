@@ -213,8 +213,9 @@ def extract(
 
 def _register_subcommands() -> None:
     """Commands of the other packages, each module adding its own (kept out of this file's imports)."""
-    from featurestore.cli import distill, maintenance, models, search, train, xcohort
+    from featurestore.cli import annotations, distill, maintenance, models, search, train, xcohort
 
+    annotations.register(app)
     distill.register(app)
     maintenance.register(app)
     models.register(app)

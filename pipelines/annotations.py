@@ -1,0 +1,222 @@
+"""``fs annotations import``: QuPath annotations → per-class geometry and per-tile overlaps in the store.
+
+Each file is read, matched to its slide and checked against the slide's size before anything is
+written; a file that fails is reported and the others go on. A slide's import is one commit: its
+``annotations`` rows (one per class) and its ``tile_annotations`` rows for every tiling the slide
+has, so the views never show classes of one import with overlaps of another.
+
+Tilings extracted after an import have no overlaps until the file is imported again.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import pyarrow as pa
+
+from featurestore.schemas import ANNOTATIONS_SCHEMA, TILE_ANNOTATIONS_SCHEMA, Slide, TilingSpec, utcnow
+from featurestore.slides.geojson import (
+    AnnotationClass,
+    AnnotationError,
+    annotation_classes,
+    read_qupath,
+    tile_overlaps,
+)
+from featurestore.store import Snapshot, Store
+
+SUFFIXES = (".geojson", ".json")
+"""File endings taken from folders and globs (QuPath writes .geojson; some scripts write .json)."""
+
+
+@dataclass(frozen=True)
+class ImportedAnnotations:
+    """One file imported: its slide, each class's area (level-0 px²), and the overlap rows written."""
+
+    path: Path
+    slide_id: str
+    classes: tuple[tuple[str, float], ...]
+    tilings: int
+    overlaps: int
+    skipped_objects: int
+
+
+@dataclass(frozen=True)
+class RefusedAnnotations:
+    path: Path
+    message: str
+
+
+@dataclass(frozen=True)
+class AnnotationsReport:
+    imported: tuple[ImportedAnnotations, ...]
+    failed: tuple[RefusedAnnotations, ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    path: Path
+    slide: Slide
+    classes: list[AnnotationClass]
+    sha256: str
+    skipped: int
+
+
+def annotation_files(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
+    """GeoJSON files under ``paths`` (files, folders searched recursively, globs), and paths matching none."""
+    files: list[Path] = []
+    missing: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.suffix.lower() in SUFFIXES and q.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(raw), recursive=True)
+                             if Path(m).suffix.lower() in SUFFIXES)
+            if not matches:
+                missing.append(str(raw))
+            files += matches
+    return list(dict.fromkeys(files)), missing
+
+
+def resolve_slide(slides: list[Slide], name: str, what: str) -> Slide:
+    """The slide ``name`` designates: its id, a unique id prefix, its path, file name or file stem.
+
+    ``what`` says where the name came from, for the message when no slide (or several) match.
+    """
+    by_id = {s.slide_id: s for s in slides}
+    if name in by_id:
+        return by_id[name]
+    text = PurePath(name)
+    matches = [s for s in slides if name in (s.path, str(Path(s.path).resolve()))]
+    if not matches and Path(name).exists():
+        matches = [s for s in slides if Path(s.path).resolve() == Path(name).resolve()]
+    if not matches:
+        matches = [s for s in slides if text.name in _names(s.path)]
+    if not matches and len(name) >= 6:
+        matches = [s for s in slides if s.slide_id.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise AnnotationError(f"{what}: no slide in the store is named {name!r} (by id, id prefix, path, file name "
+                              "or stem); add the slide (fs slides add or fs extract) or pass --slide with its id "
+                              "from `fs slides list`")
+    listed = ", ".join(f"{s.slide_id[:12]} ({s.path})" for s in matches[:4])
+    raise AnnotationError(f"{what}: {name!r} names {len(matches)} slides ({listed}); pass --slide with one slide id")
+
+
+def _names(path: str) -> set[str]:
+    """What a slide file is called: its name and stem (``x.ome.tiff`` also as ``x``)."""
+    name = PurePath(path).name
+    stem = PurePath(name).stem
+    return {name, stem, stem.removesuffix(".ome")}
+
+
+def footprint(slide: Slide, tiling: TilingSpec, level: int, read_size: int) -> int:
+    """A tile's level-0 edge in pixels.
+
+    Tiles read at level 0 (every imported TRIDENT file, and extractions at the slide's own
+    resolution) are exactly ``read_size``; otherwise the tiling's physical size at the slide's
+    µm/px, rounded as ``featurestore.slides.tiling`` cuts them (``read_size`` × the level's
+    downsample would carry that level's rounding).
+    """
+    if level == 0:
+        return read_size
+    return max(1, round(tiling.tile_size * tiling.target_mpp / slide.mpp_x))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _plan(path: Path, slides: list[Slide], slide: str | None) -> _Plan:
+    # The file's own stem first ("CMU-1.svs.geojson" → "CMU-1.svs"), as QuPath names its exports after the image.
+    target = resolve_slide(slides, slide, "--slide") if slide is not None else resolve_slide(
+        slides, path.name.removesuffix(path.suffix), str(path))
+    objects, skipped = read_qupath(path)
+    classes = annotation_classes(objects, path, target.width, target.height)
+    if not classes:
+        raise AnnotationError(f"{path}: every annotation lies outside slide {target.slide_id}'s area; export from "
+                              "the image this slide is, or name the right slide with --slide")
+    return _Plan(path, target, classes, _sha256(path), skipped)
+
+
+def _overlap_rows(snap: Snapshot, plan: _Plan, tilings: dict[str, TilingSpec]) -> tuple[pa.Table, int]:
+    """Every tiling of the slide × every class: the tiles with overlap > 0, as one table; and the tilings seen."""
+    sid = plan.slide.slide_id
+    tiling_ids = snap.sql("SELECT tiling_id FROM slide_tilings WHERE slide_id = ? ORDER BY tiling_id",
+                          [sid]).column("tiling_id").to_pylist()
+    parts = []
+    for tid in tiling_ids:
+        tiles = snap.read_tiles(tid, sid)
+        if tiles.num_rows == 0:
+            continue
+        level, read_size = tiles.column("level")[0].as_py(), tiles.column("read_size")[0].as_py()
+        edge = footprint(plan.slide, tilings[tid], level, read_size)
+        x, y = tiles.column("x").to_numpy(), tiles.column("y").to_numpy()
+        index, ids = tiles.column("tile_index").to_numpy(), tiles.column("tile_id").to_numpy()
+        for cls in plan.classes:
+            hit, fraction = tile_overlaps(cls.geometry, x, y, edge)
+            parts.append(pa.table({
+                "slide_id": pa.array([sid] * len(hit), pa.string()),
+                "tiling_id": pa.array([tid] * len(hit), pa.string()),
+                "tile_index": index[hit], "tile_id": ids[hit],
+                "class_name": pa.array([cls.name] * len(hit), pa.string()),
+                "overlap": fraction}, schema=TILE_ANNOTATIONS_SCHEMA))
+    table = pa.concat_tables(parts) if parts else TILE_ANNOTATIONS_SCHEMA.empty_table()
+    return table, len(tiling_ids)
+
+
+def _commit(store: Store, snap: Snapshot, plan: _Plan, tilings: dict[str, TilingSpec]) -> ImportedAnnotations:
+    overlaps, n_tilings = _overlap_rows(snap, plan, tilings)
+    now = utcnow()
+    rows = [{"slide_id": plan.slide.slide_id, "class_name": c.name, "geometry": c.to_geojson(), "area": c.area,
+             "source_path": str(plan.path.resolve()), "source_sha256": plan.sha256, "imported_at": now}
+            for c in plan.classes]
+    with store.transaction() as txn:
+        txn.add_table("annotations", pa.Table.from_pylist(rows, schema=ANNOTATIONS_SCHEMA))
+        txn.add_table("tile_annotations", overlaps)
+    return ImportedAnnotations(plan.path, plan.slide.slide_id, tuple((c.name, c.area) for c in plan.classes),
+                               n_tilings, overlaps.num_rows, plan.skipped)
+
+
+def import_annotations(store: Store, paths: list[str | Path], *, slide: str | None = None) -> AnnotationsReport:
+    """Import QuPath GeoJSON annotation files: one commit per slide, replacing that slide's earlier import.
+
+    Files go to the slide whose file stem they carry (QuPath's export name), or all to ``slide``
+    (an id, id prefix, path, file name or stem), which then takes exactly one file. A file that is
+    not QuPath GeoJSON, names no slide of the store, or reaches beyond its slide is reported in
+    ``failed`` with a one-line message and nothing of it is written; the other files are imported.
+    """
+    files, missing = annotation_files(paths)
+    if not files and not missing:
+        raise AnnotationError(f"no .geojson files under {', '.join(map(str, paths))}; export annotations from "
+                              "QuPath with File > Export objects as GeoJSON and pass those files or their folder")
+    if slide is not None and len(files) + len(missing) != 1:
+        raise AnnotationError(f"--slide {slide} takes one annotation file, got {len(files) + len(missing)}; import "
+                              "the others by file stem (QuPath names exports after the image) or one by one")
+    snap = store.snapshot()
+    slides = snap.slides()
+    tilings = {t.id: t for t in snap.tilings()}
+    failed = [RefusedAnnotations(Path(m), f"{m}: no such file, folder or .geojson glob match; check the path")
+              for m in missing]
+    plans: list[_Plan] = []
+    owner: dict[str, Path] = {}
+    for path in files:
+        try:
+            plan = _plan(path, slides, slide)
+            sid = plan.slide.slide_id
+            if sid in owner:
+                raise AnnotationError(f"{path}: slide {sid} already takes its annotations from {owner[sid]} in this "
+                                      "import, and each import replaces a slide's annotations; merge them in QuPath "
+                                      "(one export per image) or import one")
+            owner[sid] = path
+            plans.append(plan)
+        except AnnotationError as err:
+            failed.append(RefusedAnnotations(path, str(err)))
+    imported = [_commit(store, snap, plan, tilings) for plan in plans]
+    return AnnotationsReport(tuple(imported), tuple(failed))
