@@ -180,6 +180,9 @@ def extract(
     = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List slides and tile counts; load no model.")]
     = False,
+    geojson: Annotated[bool, typer.Option("--geojson", help="Also write <store>/qc/<slide_id>.geojson: tissue "
+                                          "contours and the tile grid, for QuPath (drag it onto the slide).")]
+    = False,
 ) -> None:
     """Tile slides and store teacher embeddings (stage one). Safe to re-run: finished work is skipped."""
     import sys
@@ -198,7 +201,7 @@ def extract(
     opts = ExtractOptions(models=tuple(model), tiling=tiling, weights=weight_map, reader=reader.value,
                           device=device, batch_size=batch_size, read_workers=read_workers,
                           cache_pixels=pixel_specs, assume_mpp=assume_mpp, dtype="float32" if float32 else "float16",
-                          teacher_views=teacher_views, tissue_weights=tissue_weights)
+                          teacher_views=teacher_views, tissue_weights=tissue_weights, geojson=geojson)
     if dry_run:
         print_dry_run(dry_run_counts(paths, opts), console)
         return
@@ -213,14 +216,16 @@ def extract(
 
 def _register_subcommands() -> None:
     """Commands of the other packages, each module adding its own (kept out of this file's imports)."""
-    from featurestore.cli import annotations, distill, maintenance, models, search, train, xcohort
+    from featurestore.cli import annotations, distill, maintenance, models, search, slide_encode, train, view, xcohort
 
     annotations.register(app)
     distill.register(app)
     maintenance.register(app)
     models.register(app)
     search.register(app)
+    slide_encode.register(app)
     train.register(app)
+    view.register(app)
     xcohort.register(app)
 
 

@@ -39,9 +39,10 @@ def pkg(name: str) -> str:
 
 
 SCHEMAS, STORE, INDEX, SLIDES, ENCODERS = pkg("schemas"), pkg("store"), pkg("index"), pkg("slides"), pkg("encoders")
-DISTILL, PIPELINES, CLI = pkg("distill"), pkg("pipelines"), pkg("cli")
+DISTILL, PIPELINES, CLI, VIEWER = pkg("distill"), pkg("pipelines"), pkg("cli"), pkg("viewer")
 
-ONLY: dict[str, set[str]] = {SCHEMAS: set(), STORE: {SCHEMAS}, INDEX: {STORE, SCHEMAS}}
+ONLY: dict[str, set[str]] = {SCHEMAS: set(), STORE: {SCHEMAS}, INDEX: {STORE, SCHEMAS},
+                             VIEWER: {SCHEMAS, STORE, INDEX, SLIDES, ENCODERS}}
 """Packages that may import these project packages and no others."""
 
 NEVER: dict[str, set[str]] = {
@@ -167,6 +168,12 @@ def test_packages_do_not_import_what_sits_above_them(package):
     forbidden = NEVER[package]
     bad = [str(e) for e in edges() if package_of(e.module) == package and e.target in forbidden]
     assert not bad, f"{package} must not import {sorted(forbidden)}:\n" + "\n".join(bad)
+
+
+def test_only_the_cli_imports_the_viewer():
+    bad = [str(e) for e in edges() if e.target == VIEWER and package_of(e.module) != CLI]
+    assert not bad, "featurestore.viewer is an application that fs view serves; nothing else imports it:\n" + \
+        "\n".join(bad)
 
 
 def test_nothing_imports_the_cli():
