@@ -14,6 +14,7 @@ from pathlib import Path
 from featurestore.schemas.errors import SlideError
 from featurestore.slides._sniff import Format, detect_format, dicom_files, is_dicom_file
 from featurestore.slides.base import WHITE, ReaderError, SlideReader, best_level
+from featurestore.slides.quality import measure_tiles
 from featurestore.slides.tiling import SlideGeometry, TileGrid, qc_overlay, read_tiles, tile_grid
 from featurestore.slides.tissue import TissueMask, otsu_threshold, thumbnail, tissue_mask
 
@@ -32,6 +33,7 @@ __all__ = [
     "detect_format",
     "dicom_files",
     "is_dicom_file",
+    "measure_tiles",
     "open_slide",
     "otsu_threshold",
     "qc_overlay",
