@@ -183,7 +183,9 @@ def to_row(record: Record) -> dict[str, Any]:
 
 def from_row(cls: type[Record], row: dict[str, Any]) -> Record:
     """Rebuild a record from a table row; a stored id that no longer matches the content is an error."""
-    data = {k: v for k, v in row.items() if k not in ("commit_id", "tile_id")}
+    # A null in a column added by a later format means "written before it existed": take the default.
+    later = {f.name for f in dataclasses.fields(cls) if f.default not in (None, dataclasses.MISSING)}
+    data = {k: v for k, v in row.items() if k not in ("commit_id", "tile_id") and not (v is None and k in later)}
     stored_id = data.pop(ID_COLUMNS[cls], None) if cls in ID_COLUMNS else None
     record = cls.from_dict(data)
     if stored_id is not None and stored_id != record.id:  # type: ignore[attr-defined]

@@ -91,6 +91,8 @@ def test_a_format_2_store_is_refused_until_migrated_then_reads_as_before(v2):
     assert checkpoint_format(v2) == FORMAT_VERSION, "the migration folds the old files into a current checkpoint"
     assert_reads_as_before(v2)
     store = Store.open(v2)
+    assert [t.id for t in store.tilings()] == [r["tiling_id"] for r in expected(v2)["tilings"][1]], \
+        "format-2 tilings keep their ids"
     for table in ("annotations", "tile_annotations", "slide_features"):
         assert store.sql(f"SELECT count(*) FROM {table}").column(0)[0].as_py() == 0
     assert not store.verify(deep=True).problems
