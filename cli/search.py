@@ -141,6 +141,9 @@ def search_cmd(
     k: Annotated[int, typer.Option("-k", "--top-k", help="Number of results.")] = 10,
     where: Annotated[str | None, typer.Option(help="SQL predicate over tiles t, slides s, labels l, e.g. "
                                                    "\"l.label = 1 AND t.x > 1000\".")] = None,
+    in_class: Annotated[list[str] | None, typer.Option(
+        "--in-class", help="Only tiles inside a QuPath annotation class (fs annotations import), at least MIN of "
+                           "the tile if given: CLASS[:MIN], e.g. Tumor:0.5; repeat to require several.")] = None,
     group_by: Annotated[GroupBy | None, typer.Option(help="slide: each slide's best tile.")] = None,
     save: Annotated[Path | None, typer.Option(help="Write a contact sheet of the query and hits (PNG).")]
     = None,
@@ -161,6 +164,13 @@ def search_cmd(
     new_output(output, overwrite)
     new_output(save, overwrite)
     s = Store.open(store, read_only=True)
+    if in_class:
+        if slide is not None:
+            raise typer.BadParameter("--in-class selects tiles; a --slide search ranks whole slides (filter them "
+                                     "with --where over slides s and labels l)")
+        from featurestore.pipelines.annotations import class_predicate
+
+        where = " AND ".join(f"({p})" for p in [where, *(class_predicate(s, c) for c in in_class)] if p)
     vector = None
     if image is not None:
         from featurestore.devices import resolve_device

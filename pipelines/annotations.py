@@ -6,6 +6,9 @@ written; a file that fails is reported and the others go on. A slide's import is
 has, so the views never show classes of one import with overlaps of another.
 
 Tilings extracted after an import have no overlaps until the file is imported again.
+
+The way out is here too: ``write_qc_geojson`` (``fs extract --geojson``) writes a slide's tissue
+contours and tile grid for QuPath, and ``class_predicate`` turns ``fs search --in-class`` into SQL.
 """
 
 from __future__ import annotations
@@ -15,15 +18,29 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+import numpy as np
 import pyarrow as pa
 
-from featurestore.schemas import ANNOTATIONS_SCHEMA, TILE_ANNOTATIONS_SCHEMA, Slide, TilingSpec, utcnow
+from featurestore.schemas import (
+    ANNOTATIONS_SCHEMA,
+    TILE_ANNOTATIONS_SCHEMA,
+    InvalidArgumentError,
+    Slide,
+    TileQuality,
+    TilingSpec,
+    utcnow,
+)
+from featurestore.slides import TissueMask
 from featurestore.slides.geojson import (
     AnnotationClass,
     AnnotationError,
     annotation_classes,
+    mask_polygons,
     read_qupath,
+    tile_features,
     tile_overlaps,
+    tissue_features,
+    write_geojson,
 )
 from featurestore.store import Snapshot, Store
 
@@ -134,10 +151,11 @@ def _sha256(path: Path) -> str:
 
 
 def _plan(path: Path, slides: list[Slide], slide: str | None) -> _Plan:
-    # The file's own stem first ("CMU-1.svs.geojson" → "CMU-1.svs"), as QuPath names its exports after the image.
+    # The content first: a file that is not QuPath's is refused as such, whatever it is called.
+    objects, skipped = read_qupath(path)
+    # The file name less its suffix ("CMU-1.svs.geojson" → "CMU-1.svs"): QuPath names exports after the image.
     target = resolve_slide(slides, slide, "--slide") if slide is not None else resolve_slide(
         slides, path.name.removesuffix(path.suffix), str(path))
-    objects, skipped = read_qupath(path)
     classes = annotation_classes(objects, path, target.width, target.height)
     if not classes:
         raise AnnotationError(f"{path}: every annotation lies outside slide {target.slide_id}'s area; export from "
@@ -220,3 +238,51 @@ def import_annotations(store: Store, paths: list[str | Path], *, slide: str | No
             failed.append(RefusedAnnotations(path, str(err)))
     imported = [_commit(store, snap, plan, tilings) for plan in plans]
     return AnnotationsReport(tuple(imported), tuple(failed))
+
+
+QC_MEASUREMENTS = ("tile_index", "tissue_fraction", *TileQuality.COLUMNS)
+"""Tile columns ``fs extract --geojson`` writes as each tile object's measurements (where not null)."""
+
+
+def write_qc_geojson(path: str | Path, mask: TissueMask, slide: Slide, tiles: pa.Table, edge: int) -> Path:
+    """The slide's tissue contours (class Tissue) and tile grid (``tile`` objects) as GeoJSON QuPath imports.
+
+    ``tiles`` is the slide's tiles table as committed and ``edge`` a tile's level-0 edge; measure
+    columns that are null for every tile (tiles never read) are left out.
+    """
+    measurements = {name: tiles.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+                    for name in QC_MEASUREMENTS if name in tiles.column_names and tiles.column(name).null_count
+                    < tiles.num_rows}
+    features = tissue_features(mask_polygons(mask, slide.width, slide.height))
+    features += tile_features(tiles.column("x").to_numpy(), tiles.column("y").to_numpy(), edge, measurements)
+    return write_geojson(path, features)
+
+
+def class_predicate(store: Store | Snapshot, spec: str) -> str:
+    """The SQL predicate over tiles ``t`` that ``fs search --in-class CLASS[:MIN]`` adds to ``--where``.
+
+    It keeps tiles whose overlap with annotation class ``CLASS`` is at least ``MIN`` (a fraction
+    in (0, 1]; without it, any overlap). A class name may itself hold colons (QuPath's derived
+    classes, "Tumor: Positive"): only a number after the last colon is read as ``MIN``.
+    """
+    name, _, tail = spec.rpartition(":")
+    try:
+        minimum = float(tail) if name else None
+    except ValueError:
+        minimum = None
+    if minimum is None:
+        name = spec
+    elif not 0.0 < minimum <= 1.0:
+        raise InvalidArgumentError(f"--in-class {spec}: the overlap after ':' is a fraction of the tile in (0, 1], "
+                                   f"e.g. {name}:0.5")
+    name = name.strip()
+    snap = store.snapshot() if isinstance(store, Store) else store
+    classes = snap.sql("SELECT DISTINCT class_name FROM tile_annotations ORDER BY class_name")
+    known = classes.column("class_name").to_pylist()
+    if name not in known:
+        listed = ", ".join(known) if known else "none yet (import QuPath exports with fs annotations import)"
+        raise InvalidArgumentError(f"--in-class {spec}: no tile overlaps an annotation of class {name!r}; classes "
+                                   f"with tiles: {listed}")
+    quoted = "'" + name.replace("'", "''") + "'"
+    bound = f" AND overlap >= {minimum!r}" if minimum is not None else ""
+    return f"t.tile_id IN (SELECT tile_id FROM tile_annotations WHERE class_name = {quoted}{bound})"

@@ -29,6 +29,7 @@ import numpy as np
 
 from featurestore.devices import resolve_device
 from featurestore.pipelines._versions import versions
+from featurestore.pipelines.annotations import write_qc_geojson
 from featurestore.pipelines.discover import find_slides
 from featurestore.pipelines.register import describe_slide
 from featurestore.schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec, utcnow
@@ -79,6 +80,8 @@ class ExtractOptions:
     qc: bool = True
     teacher_views: int = 1
     tissue_weights: str | None = None
+    geojson: bool = False
+    """Also write the tissue contours and tile grid as QuPath GeoJSON next to the QC image."""
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,10 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
         else:
             new_tiles = tiles_table(slide_id, opts.tiling.id, grid.x, grid.y, grid.level, grid.read_size,
                                     grid.tissue_fraction)
+            if opts.geojson:
+                stage = "geojson"
+                (store.root / "qc").mkdir(exist_ok=True)
+                write_qc_geojson(store.root / "qc" / f"{slide_id}.geojson", mask, slide, new_tiles, grid.footprint)
         stage = "commit"
         store.commit_slide(SlideCommit(slide, opts.tiling, new_tiles, embeddings,
                                        np.concatenate(seen) if cache_base else None, opts.dtype, extra))
