@@ -120,7 +120,7 @@ NO_EXTENSIONS = "SET autoinstall_known_extensions = false; SET autoload_known_ex
 
 
 def typed_empty(name: str) -> str:
-    """A zero-row table with ``name``'s current columns, defined on every connection."""
+    """A zero-row table with ``name``'s current columns, defined on a connection whose views use it."""
     return f"{RAW}._typed_{name}"
 
 
@@ -155,11 +155,12 @@ def connect(state: State) -> duckdb.DuckDBPyConnection:
     con.execute(f"CREATE SCHEMA {RAW}")
     for name in table_names():
         raw = f"{RAW}.{name}"
-        con.register("_empty", empty_schema(name).empty_table())
-        con.execute(f"CREATE TABLE {typed_empty(name)} AS SELECT * FROM _empty")
-        con.unregister("_empty")
         files = state.table_files(name)
         source = read_files(name, files, legacy=state.legacy) if files else f"SELECT * FROM {typed_empty(name)}"
+        if typed_empty(name) in source:
+            con.register("_empty", empty_schema(name).empty_table())
+            con.execute(f"CREATE TABLE {typed_empty(name)} AS SELECT * FROM _empty")
+            con.unregister("_empty")
         con.execute(f"CREATE VIEW {raw} AS {source}")
         if name != "tiles":
             con.execute(f"CREATE VIEW {name} AS {latest(name, raw)}")
