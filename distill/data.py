@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from featurestore.index import is_slide_set, read_slide_set, slide_set
 from featurestore.schemas import BagNotFoundError, EmbeddingSet, InvalidArgumentError
 from featurestore.store import Snapshot, Store
 
@@ -155,6 +156,18 @@ class ArrayBags:
 
 
 BagSource = BagReader | ArrayBags
+
+
+def slide_set_bags(store: Store | Snapshot, model: str) -> ArrayBags:
+    """A slide embedding set (``fs slide-encode``, e.g. ``titan:conch-v1.5``) as bags of one vector per slide.
+
+    Every MIL head then trains on slide embeddings unchanged: attention over a bag of one is that
+    vector, and mean pooling returns it. The single row sits at the slide's origin and has no tile id.
+    """
+    ss = slide_set(store, model)
+    ids, vectors, _ = read_slide_set(store, ss)
+    origin = np.zeros((1, 2), np.int64)
+    return ArrayBags(ss.name, {sid: vectors[i:i + 1] for i, sid in enumerate(ids)}, dict.fromkeys(ids, origin))
 
 
 def grid_positions(xy: np.ndarray) -> np.ndarray:
@@ -302,8 +315,10 @@ def bags(store: Store | Snapshot, model: str, label: str | None = None, slides: 
          max_tiles: int | None = None, grid: bool = False, seed: int = 0, cache_bytes: int = 0) -> BagDataset:
     """A torch ``Dataset`` of one embedding set's bags, as ``SlideBag`` records; batch with ``collate_bags``.
 
-    ``model``: encoder name, SQL view name or set id. ``label``: a numeric or boolean column of the
-    labels table whose value becomes each bag's ``target`` (None for inference: targets are None).
+    ``model``: encoder name, SQL view name or set id, or a slide embedding set of ``fs slide-encode``
+    (``<slide encoder>:<tile encoder>``, bags of one vector: see ``slide_set_bags``). ``label``: a
+    numeric or boolean column of the labels table whose value becomes each bag's ``target`` (None for
+    inference: targets are None).
     ``slides``: a subset of the set's slide ids, kept in the order given (default: every slide of
     the set, by slide id). ``max_tiles`` caps a bag by a random, epoch-seeded subset (``set_epoch``);
     ``grid`` adds tile-grid positions for heads that need them; ``cache_bytes`` keeps that much of
@@ -315,11 +330,15 @@ def bags(store: Store | Snapshot, model: str, label: str | None = None, slides: 
     if not isinstance(cache_bytes, int) or cache_bytes < 0:
         raise InvalidArgumentError(f"cache_bytes must be a whole number of bytes >= 0, got {cache_bytes!r}")
     snapshot = store.snapshot() if isinstance(store, Store) else store
-    es = snapshot.embedding_set(model)
-    ids = snapshot.bag_slide_ids(es, slides)
+    if is_slide_set(snapshot, model):
+        reader: BagSource = slide_set_bags(snapshot, model)
+        ids = reader.slide_ids if slides is None else slides
+    else:
+        es = snapshot.embedding_set(model)
+        ids = snapshot.bag_slide_ids(es, slides)
+        reader = BagReader(snapshot, es, cache_bytes=cache_bytes)
     targets = None if label is None else _label_targets(snapshot, label, ids)
-    return BagDataset(BagReader(snapshot, es, cache_bytes=cache_bytes), ids, targets, max_tiles=max_tiles,
-                      coords=grid, seed=seed)
+    return BagDataset(reader, ids, targets, max_tiles=max_tiles, coords=grid, seed=seed)
 
 
 def _label_targets(snapshot: Snapshot, label: str, slide_ids: list[str]) -> np.ndarray:

@@ -29,6 +29,14 @@ if TYPE_CHECKING:
     from featurestore.index._faiss import IndexParams, default_params, gpu_available
     from featurestore.index._manifest import BagVersion, IndexStatus, Manifest
     from featurestore.index._search import ImageEncoder, embed_image, search
+    from featurestore.index._slide_sets import (
+        SlideSet,
+        is_slide_set,
+        read_slide_set,
+        search_slide_set,
+        slide_set,
+        slide_sets,
+    )
     from featurestore.index._vacuum import IndexVacuumReport, vacuum
 
 _LAZY: dict[str, str] = {
@@ -38,15 +46,18 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("IndexParams", "default_params", "gpu_available"), "_faiss"),
     **dict.fromkeys(("BagVersion", "IndexStatus", "Manifest"), "_manifest"),
     **dict.fromkeys(("ImageEncoder", "embed_image", "search"), "_search"),
+    **dict.fromkeys(("SlideSet", "is_slide_set", "read_slide_set", "search_slide_set", "slide_set", "slide_sets"),
+                   "_slide_sets"),
     **dict.fromkeys(("IndexVacuumReport", "vacuum"), "_vacuum"),
 }
 
 __all__ = [
     "EXACT_BELOW", "EXACT_FILTER_MAX", "KINDS", "POOLED_SCHEMA", "POOLED_TABLE", "BagVersion", "BuildReport",
     "ImageEncoder", "IndexBuildError", "IndexConfigError", "IndexKind", "IndexMissingError", "IndexParams",
-    "IndexStatus", "IndexVacuumReport", "Manifest", "QueryError", "StaleIndexError", "TileIndex", "build_index",
-    "contact_sheet", "default_kind", "default_params", "embed_image", "gpu_available", "index_status",
-    "load_index", "search", "tile_pixels", "vacuum",
+    "IndexStatus", "IndexVacuumReport", "Manifest", "QueryError", "SlideSet", "StaleIndexError", "TileIndex",
+    "build_index", "contact_sheet", "default_kind", "default_params", "embed_image", "gpu_available",
+    "index_status", "is_slide_set", "load_index", "read_slide_set", "search", "search_slide_set", "slide_set",
+    "slide_sets", "tile_pixels", "vacuum",
 ]
 
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from featurestore.index._build import TileIndex, first_view, load_index, quote
 from featurestore.index._errors import QueryError
+from featurestore.index._slide_sets import is_slide_set, search_slide_set
 from featurestore.schemas import EncoderSpec, SqlError
 from featurestore.store import Snapshot, Store
 
@@ -33,7 +34,8 @@ def search(store: Store | Snapshot, model: str, *, tile_id: int | None = None, s
     Give exactly one query. ``tile_id``, ``vector`` and ``query_sql`` (one row whose
     ``embedding`` column, or only column, is the vector) rank tiles: rank, score, slide_id,
     tile_id, tile_index, x, y, labels...; ``group_by="slide"`` keeps each slide's best tile.
-    ``slide_id`` ranks slides by their pooled vectors: rank, score, slide_id, n_tiles, labels...
+    ``slide_id`` ranks slides by their pooled vectors: rank, score, slide_id, n_tiles, labels...; when
+    ``model`` names a slide embedding set of ``fs slide-encode`` (e.g. ``titan:conch-v1.5``), by its vectors.
     ``where`` is an SQL predicate over ``tiles t``, ``slides s`` and ``labels l`` (slide-level
     search: ``slides s`` and ``labels l``), e.g. ``"l.label = 1 AND t.tissue_fraction > 0.5"``.
     The index must match the set (``StaleIndexError`` otherwise); see ``build_index``.
@@ -48,6 +50,9 @@ def search(store: Store | Snapshot, model: str, *, tile_id: int | None = None, s
     if group_by not in (None, "slide"):
         raise QueryError(f"group_by {group_by!r} is not supported; use 'slide' or nothing")
     store = store.snapshot() if isinstance(store, Store) else store
+    if slide_id is not None and is_slide_set(store, model):
+        allowed = None if where is None else allowed_slides(store, where)
+        return _with_labels(store, search_slide_set(store, model, slide_id, k, allowed))
     index = load_index(store, model)
     if slide_id is not None:
         return _slide_search(store, index, slide_id, k, where)
