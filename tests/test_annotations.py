@@ -15,7 +15,7 @@ import shapely
 from typer.testing import CliRunner
 
 from featurestore.cli.main import app
-from featurestore.pipelines.annotations import resolve_slide
+from featurestore.pipelines.annotations import QC_MEASUREMENTS, resolve_slide
 from featurestore.pipelines.demo import make_cohort
 from featurestore.schemas import TilingSpec
 from featurestore.slides import open_slide, tissue_mask
@@ -98,8 +98,11 @@ def test_qc_geojson_holds_the_stored_tile_grid_and_the_tissue_mask(extracted):
     bounds = shapely.bounds([o.geometry for o in grid])
     x, y = tiles.column("x").to_numpy(), tiles.column("y").to_numpy()
     np.testing.assert_array_equal(bounds, np.stack([x, y, x + F, y + F], axis=1))
-    np.testing.assert_allclose([o.measurements["tissue_fraction"] for o in grid],
-                               tiles.column("tissue_fraction").to_numpy(), rtol=1e-6)
+    stored = store.sql("SELECT * FROM tiles WHERE slide_id = ? ORDER BY tile_index", [sid])
+    measured = [c for c in QC_MEASUREMENTS if c in stored.column_names and stored.column(c).null_count == 0]
+    assert {"tile_index", "tissue_fraction"} <= set(measured)
+    for name in measured:
+        np.testing.assert_allclose([o.measurements[name] for o in grid], stored.column(name).to_numpy(), rtol=1e-6)
 
     tissue = [o for o in objects if o.object_type == "annotation"]
     assert tissue and {o.class_name for o in tissue} == {TISSUE}
@@ -110,9 +113,9 @@ def test_qc_geojson_holds_the_stored_tile_grid_and_the_tissue_mask(extracted):
     assert union.area == pytest.approx(mask.mask.sum() * pixel_area)
     # The contours are the mask the tiling measured: each tile's share of them is its stored tissue fraction.
     hit, fraction = tile_overlaps(union, x, y, F)
-    measured = np.zeros(len(x))
-    measured[hit] = fraction
-    np.testing.assert_allclose(measured, tiles.column("tissue_fraction").to_numpy(), atol=1e-6)
+    share = np.zeros(len(x))
+    share[hit] = fraction
+    np.testing.assert_allclose(share, tiles.column("tissue_fraction").to_numpy(), atol=1e-6)
 
 
 def test_import_overlaps_match_hand_computed_fractions_and_search_filters_by_class(extracted, tmp_path):
