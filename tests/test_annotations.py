@@ -254,3 +254,18 @@ def test_slide_names_resolve_like_other_commands(extracted):
         assert resolve_slide(slides, name, "--slide").slide_id == sid
     with pytest.raises(AnnotationError, match="no slide in the store is named 'demo_001'"):
         resolve_slide(slides, "demo_001", "--slide")
+
+
+def test_overlaps_of_a_hundred_thousand_tiles_add_up_to_the_class_area():
+    side = 316  # 99,856 tiles
+    xs, ys = np.meshgrid(np.arange(side) * F, np.arange(side) * F)
+    t = np.linspace(0, 2 * np.pi, 2000, endpoint=False)
+    wavy = 30000 + 3000 * np.sin(13 * t)
+    centre = side * F / 2
+    tumour = shapely.Polygon(np.c_[centre + wavy * np.cos(t), centre + wavy * np.sin(t)],
+                             holes=[np.c_[centre + 5000 * np.cos(t), centre + 5000 * np.sin(t)]])
+    hit, fraction = tile_overlaps(tumour, xs.ravel(), ys.ravel(), F)
+    assert fraction.sum() * F * F == pytest.approx(tumour.area, rel=1e-9)
+    assert np.all((fraction > 0) & (fraction <= 1)) and np.all(np.diff(hit) > 0)
+    hole_centre = np.flatnonzero((xs.ravel() == side // 2 * F) & (ys.ravel() == side // 2 * F))
+    assert not np.isin(hole_centre, hit).any()
