@@ -128,7 +128,7 @@ def view_cmd(
         err_console.print(f"[yellow]warning:[/yellow] listening on {host}: anyone who can reach this address can "
                           "read the store (slides, labels, embeddings)", highlight=False)
     console.print(f"serving {s.root} read-only at http://{host}:{bound}/ "
-                  "(Ctrl-C stops)", highlight=False)
+                  "(Ctrl-C stops)", highlight=False, soft_wrap=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     server.run(sockets=[sock])
 

@@ -133,6 +133,9 @@ class DeepZoomCache:
 
     def get(self, slide_id: str, path: Path) -> DeepZoom:
         with self._lock:
+            if not path.exists():
+                # An open handle would keep serving a deleted file; the page should say it is gone instead.
+                self._open.pop(slide_id, None)
             found = self._open.get(slide_id)
             if found is not None:
                 self._open.move_to_end(slide_id)
