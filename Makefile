@@ -30,11 +30,16 @@ demo: $(STAMP)
 	$(BIN)/fs distill --store $(DEMO)/store --teacher efficientnet-lite0 --student mobilenetv3_small_100 \
 	  --objective feature --input-size 96 --epochs 10 --batch-size 16 --lr 3e-3 --out $(DEMO)/runs/student
 	$(BIN)/fs extract $(DEMO)/cohort/slides --store $(DEMO)/store --model student:$(DEMO)/runs/student
+	$(BIN)/fs index build --store $(DEMO)/store --model efficientnet-lite0
+	tile=$$($(BIN)/fs sql "SELECT min(t.tile_id) AS tile_id FROM tiles t JOIN labels l USING (slide_id) \
+	  WHERE l.label = 1" --store $(DEMO)/store --format csv | tail -n 1) && \
+	$(BIN)/fs search --store $(DEMO)/store --model efficientnet-lite0 --tile $$tile --where "l.label = 1" -k 8
 	$(BIN)/fs info --store $(DEMO)/store
 	@echo "demo store: $(abspath $(DEMO)/store)   QC pictures: $(abspath $(DEMO)/store/qc)"
 	@echo "MIL run (metrics.json, ROC, attention maps): $(abspath $(DEMO)/runs/abmil)"
 	@echo "distilled student (report.md, curves.png): $(abspath $(DEMO)/runs/student)"
 	@echo "try: $(BIN)/fs sql 'SELECT * FROM slides' --store $(DEMO)/store"
+	@echo "browse it: $(BIN)/fs view --store $(DEMO)/store --runs $(DEMO)/runs/abmil   (then open http://127.0.0.1:8000/)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
