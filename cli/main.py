@@ -12,6 +12,7 @@ from rich.table import Table
 from featurestore.cli._common import OutputFormat, OverwriteOpt, StoreOpt, console, friendly, new_output, print_table
 from featurestore.cli._options import Device
 from featurestore.slides import READERS
+from featurestore.slides.quality import DEFAULT_LIMITS, parse_limits
 from featurestore.store import Store
 
 app = typer.Typer(help="Cached-feature store for computational pathology: extract once, distil many times.",
@@ -135,6 +136,9 @@ def demo_cohort(out: Annotated[Path, typer.Argument(help="Directory for slides/ 
     console.print(f"wrote {len(cohort.slides)} slides to {out / 'slides'} and labels to {cohort.labels_csv}")
 
 
+_QUALITY_DEFAULTS = ",".join(f"{name}={value:g}" for name, value in DEFAULT_LIMITS.items())
+
+
 class Tissue(StrEnum):
     otsu = "otsu"
     grandqc = "grandqc"
@@ -164,6 +168,12 @@ def extract(
     tissue_weights: Annotated[str | None, typer.Option(help="Checkpoint (or folder holding it) of the --tissue "
                                                        "grandqc/hest segmenter.")] = None,
     edge: Annotated[Edge, typer.Option(help="Edge tiles: pad with white, or drop.")] = Edge.pad,
+    min_quality: Annotated[str | None, typer.Option(help="Drop tiles outside these quality limits before they are "
+                                                    f"embedded: 'default' ({_QUALITY_DEFAULTS}) or NAME=VALUE pairs, "
+                                                    "e.g. sharpness=30,pen=0.1 (sharpness: variance of the "
+                                                    "Laplacian, at least; pen, background: fractions, at most). "
+                                                    "Every tile's measures are in the tiles table either way.")]
+    = None,
     reader: Annotated[Reader, typer.Option(help="Slide reader backend; auto picks one by each file's content "
                                            "(DICOM, CZI, OME-TIFF, TIFF, PNG/JPEG).")] = Reader.auto,
     device: Device = "auto",
@@ -191,8 +201,9 @@ def extract(
     from featurestore.pipelines.extract import ExtractOptions, PixelSpec, dry_run_counts, run_extract
     from featurestore.schemas import TilingSpec
 
+    limits = parse_limits(min_quality) if min_quality is not None else {}
     tiling = TilingSpec(target_mpp=mpp, tile_size=tile_size, overlap=overlap, tissue_method=tissue.value,
-                        min_tissue=min_tissue, edge=edge.value)
+                        min_tissue=min_tissue, edge=edge.value, **limits)
     try:
         pixel_specs = tuple(PixelSpec.parse(p) for p in cache_pixels or [])
         weight_map = dict(w.split("=", 1) for w in weights or [])
@@ -204,6 +215,8 @@ def extract(
                           teacher_views=teacher_views, tissue_weights=tissue_weights, geojson=geojson)
     if dry_run:
         print_dry_run(dry_run_counts(paths, opts), console)
+        if tiling.filters_quality:
+            console.print("tile counts are before --min-quality: tiles are measured as they are read")
         return
     with ExtractProgress(console) as progress:
         report = run_extract(paths, store, opts, workers=workers, scheduler=scheduler,

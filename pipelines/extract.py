@@ -21,7 +21,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +33,9 @@ from featurestore.pipelines.annotations import write_qc_geojson
 from featurestore.pipelines.discover import find_slides
 from featurestore.pipelines.register import describe_slide
 from featurestore.schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec, utcnow
-from featurestore.slides import open_slide, qc_overlay, read_tiles, tile_grid, tissue_mask
+from featurestore.schemas.tables import TileQuality
+from featurestore.slides import TileGrid, open_slide, qc_overlay, read_tiles, tile_grid, tissue_mask
+from featurestore.slides.quality import describe_limits, measure_tiles, within_limits
 from featurestore.store import SlideCommit, Store, TiledPixels, tiles_table
 
 if TYPE_CHECKING:
@@ -191,6 +193,58 @@ def _prefetch(read: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray
             yield idx, fut.result()
 
 
+def _read_measured(reader, grid: TileGrid, idx: np.ndarray, size: int) -> tuple[np.ndarray, TileQuality]:
+    """Read tiles and measure their quality in the same read thread, so measuring overlaps the model too."""
+    pixels = read_tiles(reader, grid, idx, size)
+    return pixels, measure_tiles(pixels)
+
+
+@dataclass
+class _QualityGate:
+    """Drops tiles outside the tiling's quality limits as they are read, before any model sees them.
+
+    The kept tiles are renumbered 0..m-1 in grid order as they stream through; ``kept`` then gives
+    their grid rows and measures.
+    """
+
+    tiling: TilingSpec
+    quality: list[TileQuality] = field(default_factory=list)
+    passed: list[np.ndarray] = field(default_factory=list)
+    count: int = 0
+
+    def __call__(self, stream: Iterator[tuple[np.ndarray, tuple[np.ndarray, TileQuality]]]
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for idx, (pixels, quality) in stream:
+            ok = within_limits(quality, self.tiling)
+            self.quality.append(quality)
+            self.passed.append(ok)
+            n = int(ok.sum())
+            if n:
+                start, self.count = self.count, self.count + n
+                yield np.arange(start, self.count), pixels if n == len(idx) else pixels[ok]
+
+    def kept(self, grid: TileGrid, path: Path) -> tuple[TileGrid, TileQuality]:
+        """The grid of the tiles that passed, and their measures; a slide where none did is a user error."""
+        quality = TileQuality.concat(self.quality)
+        ok = np.concatenate(self.passed) if self.passed else np.zeros(0, dtype=bool)
+        if len(ok) != len(grid):
+            raise RuntimeError(f"{path}: {len(ok)} tiles measured of {len(grid)}; every batch must be read")
+        if not ok.any():
+            failing = ", ".join(f"{name} {n}" for name, n in _failing(quality, self.tiling).items() if n)
+            raise FsError(f"{path}: none of its {len(grid)} tiles meets --min-quality {describe_limits(self.tiling)} "
+                          f"(tiles failing: {failing}); relax --min-quality for this slide")
+        if ok.all():
+            return grid, quality
+        return replace(grid, x=grid.x[ok], y=grid.y[ok], tissue_fraction=grid.tissue_fraction[ok]), quality.take(ok)
+
+
+def _failing(quality: TileQuality, tiling: TilingSpec) -> dict[str, int]:
+    """How many tiles fail each quality limit, by ``--min-quality`` name."""
+    return {"sharpness": int(np.count_nonzero(quality.sharpness < tiling.min_sharpness)),
+            "pen": int(np.count_nonzero(quality.pen_fraction > tiling.max_pen)),
+            "background": int(np.count_nonzero(quality.background_fraction > tiling.max_background))}
+
+
 def embed_batches(teachers: list, pixel_batches: Iterator[tuple[np.ndarray, np.ndarray]], n: int,
                   device: str, *, keep_pixels: bool = False, views: int = 1
                   ) -> tuple[dict[EncoderSpec, np.ndarray], float, list[np.ndarray]]:
@@ -258,14 +312,26 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
             stage = "embed"
             size = opts.tiling.tile_size
             batches = _batches(len(grid), opts.batch_size)
-            stream = _prefetch(lambda idx: read_tiles(reader, grid, idx, size), batches, opts.read_workers, depth=3)
+            gate = _QualityGate(opts.tiling)
+            if already_tiled:  # the stored rows hold these tiles' measures
+                stream = _prefetch(lambda idx: read_tiles(reader, grid, idx, size), batches, opts.read_workers,
+                                   depth=3)
+            else:
+                stream = gate(_prefetch(lambda idx: _read_measured(reader, grid, idx, size), batches,
+                                        opts.read_workers, depth=3))
             cache_base = opts.tiling.id in pixel_tilings
             embeddings, device_s, seen = {}, 0.0, []
-            if todo or cache_base:
+            if todo or cache_base or not already_tiled:
                 embeddings, device_s, seen = embed_batches(todo, stream, len(grid), device, keep_pixels=cache_base,
                                                            views=opts.teacher_views)
+            # Derived tilings cover the tissue grid whatever the quality limits keep: their ids do not hold them.
+            tissue_grid = grid
+            if not already_tiled:
+                stage = "quality"
+                grid, quality = gate.kept(grid, path)
+                embeddings = {spec: rows[:len(grid)] for spec, rows in embeddings.items()}
             stage = "pixels"
-            extra = tuple(_extra_layers(reader, slide_id, grid, opts, pixel_tilings))
+            extra = tuple(_extra_layers(reader, slide_id, tissue_grid, opts, pixel_tilings))
             if opts.qc and not already_tiled:
                 qc_dir = store.root / "qc"
                 qc_dir.mkdir(exist_ok=True)
@@ -275,7 +341,7 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
             new_tiles = tiles.drop_columns(["commit_id"]) if cache_base else None
         else:
             new_tiles = tiles_table(slide_id, opts.tiling.id, grid.x, grid.y, grid.level, grid.read_size,
-                                    grid.tissue_fraction)
+                                    grid.tissue_fraction, quality)
             if opts.geojson:
                 stage = "geojson"
                 (store.root / "qc").mkdir(exist_ok=True)
@@ -319,7 +385,8 @@ def _extra_layers(reader, slide_id: str, grid, opts: ExtractOptions, wanted: fro
         coarse = grid.coarsen(k)
         pixels = read_tiles(reader, coarse, np.arange(len(coarse)), spec.size, num_workers=opts.read_workers)
         yield TiledPixels(derived, tiles_table(slide_id, derived.id, coarse.x, coarse.y, coarse.level,
-                                               coarse.read_size, coarse.tissue_fraction), pixels)
+                                               coarse.read_size, coarse.tissue_fraction, measure_tiles(pixels)),
+                          pixels)
 
 
 @dataclass

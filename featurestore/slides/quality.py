@@ -54,7 +54,7 @@ GREEN_PEN: tuple[tuple[int, int, int], ...] = (
 QUALITY_OPTIONS: dict[str, str] = {"sharpness": "min_sharpness", "pen": "max_pen", "background": "max_background"}
 """``--min-quality`` names of the ``TilingSpec`` limits."""
 
-DEFAULT_LIMITS: dict[str, float] = {"sharpness": 50.0, "pen": 0.05, "background": 0.9}
+DEFAULT_LIMITS: dict[str, float] = {"sharpness": 60.0, "pen": 0.05, "background": 0.9}
 """``--min-quality default``, from the tiles of an H&E slide at 0.5 µm/px (CMU-1-Small-Region): its tissue
 tiles measure sharpness 530-3760, the same tiles Gaussian-blurred with σ = 1.5 px 21-131 and with σ = 2 px
 (1 µm) 8-55, glass under 30. Its H&E tiles have pen fractions under 0.03 (dark nuclei), the tiles its
@@ -146,7 +146,7 @@ def parse_limits(text: str) -> dict[str, float]:
     others keep every tile) or override the defaults (``default,pen=0.1``).
     """
     form = ("expected 'default' or NAME=VALUE pairs with NAME in sharpness, pen, background, e.g. "
-            "sharpness=50,pen=0.05,background=0.9")
+            "sharpness=60,pen=0.05,background=0.9")
     limits: dict[str, float] = {}
     for item in (part.strip() for part in text.split(",")):
         if item == "default":
