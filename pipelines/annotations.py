@@ -5,7 +5,8 @@ written; a file that fails is reported and the others go on. A slide's import is
 ``annotations`` rows (one per class) and its ``tile_annotations`` rows for every tiling the slide
 has, so the views never show classes of one import with overlaps of another.
 
-Tilings extracted after an import have no overlaps until the file is imported again.
+A tiling extracted after an import gets its overlaps in its own commit (``overlaps_of_new_tiles``),
+from the classes the store holds.
 
 The way out is here too: ``write_qc_geojson`` (``fs extract --geojson``) writes a slide's tissue
 contours and tile grid for QuPath, and ``class_predicate`` turns ``fs search --in-class`` into SQL.
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import numpy as np
 import pyarrow as pa
+import shapely
 
 from featurestore.schemas import (
     ANNOTATIONS_SCHEMA,
@@ -163,30 +166,51 @@ def _plan(path: Path, slides: list[Slide], slide: str | None) -> _Plan:
     return _Plan(path, target, classes, _sha256(path), skipped)
 
 
+def class_overlaps(slide: Slide, tiling: TilingSpec, tiles: pa.Table, classes: Iterable[AnnotationClass]) -> pa.Table:
+    """``tile_annotations`` rows of one tiling of ``slide``: each class × each tile it covers more than 0 of."""
+    if tiles.num_rows == 0:
+        return TILE_ANNOTATIONS_SCHEMA.empty_table()
+    sid, tid = slide.slide_id, tiling.id
+    edge = footprint(slide, tiling, tiles.column("level")[0].as_py(), tiles.column("read_size")[0].as_py())
+    x, y = tiles.column("x").to_numpy(), tiles.column("y").to_numpy()
+    index, ids = tiles.column("tile_index").to_numpy(), tiles.column("tile_id").to_numpy()
+    parts = [TILE_ANNOTATIONS_SCHEMA.empty_table()]
+    for cls in classes:
+        hit, fraction = tile_overlaps(cls.geometry, x, y, edge)
+        parts.append(pa.table({
+            "slide_id": pa.array([sid] * len(hit), pa.string()), "tiling_id": pa.array([tid] * len(hit), pa.string()),
+            "tile_index": index[hit], "tile_id": ids[hit],
+            "class_name": pa.array([cls.name] * len(hit), pa.string()), "overlap": fraction},
+            schema=TILE_ANNOTATIONS_SCHEMA))
+    return pa.concat_tables(parts)
+
+
 def _overlap_rows(snap: Snapshot, plan: _Plan, tilings: dict[str, TilingSpec]) -> tuple[pa.Table, int]:
     """Every tiling of the slide × every class: the tiles with overlap > 0, as one table; and the tilings seen."""
     sid = plan.slide.slide_id
     tiling_ids = snap.sql("SELECT tiling_id FROM slide_tilings WHERE slide_id = ? ORDER BY tiling_id",
                           [sid]).column("tiling_id").to_pylist()
-    parts = []
-    for tid in tiling_ids:
-        tiles = snap.read_tiles(tid, sid)
-        if tiles.num_rows == 0:
-            continue
-        level, read_size = tiles.column("level")[0].as_py(), tiles.column("read_size")[0].as_py()
-        edge = footprint(plan.slide, tilings[tid], level, read_size)
-        x, y = tiles.column("x").to_numpy(), tiles.column("y").to_numpy()
-        index, ids = tiles.column("tile_index").to_numpy(), tiles.column("tile_id").to_numpy()
-        for cls in plan.classes:
-            hit, fraction = tile_overlaps(cls.geometry, x, y, edge)
-            parts.append(pa.table({
-                "slide_id": pa.array([sid] * len(hit), pa.string()),
-                "tiling_id": pa.array([tid] * len(hit), pa.string()),
-                "tile_index": index[hit], "tile_id": ids[hit],
-                "class_name": pa.array([cls.name] * len(hit), pa.string()),
-                "overlap": fraction}, schema=TILE_ANNOTATIONS_SCHEMA))
-    table = pa.concat_tables(parts) if parts else TILE_ANNOTATIONS_SCHEMA.empty_table()
+    table = pa.concat_tables([TILE_ANNOTATIONS_SCHEMA.empty_table()] + [
+        class_overlaps(plan.slide, tilings[tid], snap.read_tiles(tid, sid), plan.classes) for tid in tiling_ids])
     return table, len(tiling_ids)
+
+
+def stored_classes(store: Store | Snapshot, slide_id: str) -> list[AnnotationClass]:
+    """The annotation classes the store holds for a slide (its latest import), empty when it has none."""
+    rows = store.sql("SELECT class_name, geometry FROM annotations WHERE slide_id = ? ORDER BY class_name",
+                     [slide_id]).to_pylist()
+    return [AnnotationClass(r["class_name"], shapely.from_geojson(r["geometry"])) for r in rows]
+
+
+def overlaps_of_new_tiles(store: Store, slide: Slide, layers: Iterable[tuple[TilingSpec, pa.Table]]
+                          ) -> dict[str, pa.Table]:
+    """The ``tile_annotations`` rows to commit with a slide's new tiles, so a tiling cut after an import
+    has its overlaps at once; nothing when the slide has no annotations."""
+    classes = stored_classes(store, slide.slide_id)
+    if not classes:
+        return {}
+    return {"tile_annotations": pa.concat_tables([class_overlaps(slide, tiling, tiles, classes)
+                                                  for tiling, tiles in layers])}
 
 
 def _commit(store: Store, snap: Snapshot, plan: _Plan, tilings: dict[str, TilingSpec]) -> ImportedAnnotations:

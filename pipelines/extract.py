@@ -29,7 +29,7 @@ import numpy as np
 
 from featurestore.devices import resolve_device
 from featurestore.pipelines._versions import versions
-from featurestore.pipelines.annotations import write_qc_geojson
+from featurestore.pipelines.annotations import overlaps_of_new_tiles, write_qc_geojson
 from featurestore.pipelines.discover import find_slides
 from featurestore.pipelines.register import describe_slide
 from featurestore.schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec, utcnow
@@ -347,8 +347,12 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
                 (store.root / "qc").mkdir(exist_ok=True)
                 write_qc_geojson(store.root / "qc" / f"{slide_id}.geojson", mask, slide, new_tiles, grid.footprint)
         stage = "commit"
+        # A slide annotated before this tiling was cut gets the new tiles' overlaps in the same commit.
+        layers = ([(opts.tiling, new_tiles)] if new_tiles is not None else []) + [(x.tiling, x.tiles) for x in extra]
+        overlaps = overlaps_of_new_tiles(store, slide, layers)
         store.commit_slide(SlideCommit(slide, opts.tiling, new_tiles, embeddings,
-                                       np.concatenate(seen) if cache_base else None, opts.dtype, extra))
+                                       np.concatenate(seen) if cache_base else None, opts.dtype, extra,
+                                       tables=lambda _: overlaps))
         return SlideOutcome(str(path), slide_id, "done", len(grid), tuple(t.spec.name for t in todo),
                             time.perf_counter() - t0, device_s)
     except StoreWriteError:

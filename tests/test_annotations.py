@@ -168,11 +168,25 @@ def test_import_overlaps_match_hand_computed_fractions_and_search_filters_by_cla
     unknown = run("search", "-s", store_path, "-m", TEACHER, "--tile", query, "--in-class", "Necrosis")
     assert unknown.exit_code == 2 and "Stroma, Tissue, Tumor" in unknown.output.replace("\n", " ")
 
+    # A tiling cut after the import gets its overlaps in its own commit: a 448-px tile holds 2 × 2 of the cells.
+    slide_path = Path(store.slides()[0].path)
+    assert run("extract", slide_path, "-s", store_path, "-m", TEACHER, "--device", "cpu", "--tile-size", 448,
+               "--min-tissue", 0, "--read-workers", 1).exit_code == 0
+    coarse = store.sql("SELECT a.class_name, t.x, t.y, a.overlap FROM tile_annotations a JOIN tiles t USING (tile_id) "
+                       "WHERE a.class_name <> 'Tissue' AND t.read_size = 448").to_pylist()
+    got = {(r["class_name"], r["x"] // (2 * F), r["y"] // (2 * F)): r["overlap"] for r in coarse}
+    want = {}
+    for (name, c, r), value in expected_overlaps().items():
+        want[name, c // 2, r // 2] = want.get((name, c // 2, r // 2), 0.0) + value / 4
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
+
     # A new export of the slide replaces every class and overlap of the last one.
     export.write_text(json.dumps([feature({"type": "Polygon", "coordinates": [square(0, 0, F, F)]})]))
     assert run("annotations", "import", export, "-s", store_path).exit_code == 0
-    assert store.sql("SELECT class_name, count(*) AS n FROM tile_annotations GROUP BY 1").to_pylist() == [
-        {"class_name": UNCLASSIFIED, "n": 1}]
+    assert store.sql("SELECT class_name, overlap FROM tile_annotations ORDER BY overlap").to_pylist() == [
+        {"class_name": UNCLASSIFIED, "overlap": 0.25}, {"class_name": UNCLASSIFIED, "overlap": 1.0}]  # both tilings
     assert store.sql("SELECT class_name FROM annotations").column("class_name").to_pylist() == [UNCLASSIFIED]
 
 
