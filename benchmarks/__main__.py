@@ -1,6 +1,6 @@
 """Run every benchmark and print one table of ratios; write JSON with the machine description.
 
-    python -m benchmarks [--quick] [--only reading,extract,distill,store,retrieval,scale]
+    python -m benchmarks [--quick] [--only reading,extract,distill,store,retrieval,scale,formats]
                          [--out bench-results/latest.json]
 
 Absolute times on a shared machine are noise; each ratio compares two variants measured in the
@@ -22,7 +22,8 @@ from benchmarks._common import machine
 
 MODULES = {"reading": "benchmarks.bench_reading", "extract": "benchmarks.bench_extract",
            "distill": "benchmarks.bench_distill", "store": "benchmarks.bench_store",
-           "retrieval": "benchmarks.bench_retrieval", "scale": "benchmarks.bench_scale"}
+           "retrieval": "benchmarks.bench_retrieval", "scale": "benchmarks.bench_scale",
+           "formats": "benchmarks.bench_formats"}
 
 
 def print_rows(rows: list[dict], console: Console | None = None) -> None:
