@@ -165,15 +165,21 @@ def test_a_model_added_later_embeds_the_kept_tiles_and_derived_pixels_are_measur
     assert measured.column("n")[0].as_py() == measured.column("s")[0].as_py() > 0
 
 
-def test_a_slide_whose_tiles_all_fail_is_a_one_line_failure(real_slide, tmp_path):
-    strict = replace(TILING, min_sharpness=1e9)
-    report = run_extract([real_slide], tmp_path / "store", ExtractOptions((TEACHER,), strict, device="cpu"))
-    (outcome,) = report.failed
-    assert str(real_slide) in outcome.error and "--min-quality sharpness=1e+09" in outcome.error
-    assert "relax --min-quality" in outcome.error and "\n" not in outcome.error
+def test_a_slide_whose_tiles_all_fail_is_a_one_line_failure_and_the_batch_completes(real_slide, tmp_path):
+    with open_slide(real_slide) as reader:
+        region = reader.read_region((600, 1200), 0, (1120, 1120))  # 5 × 5 whole tiles: no white padding
+    blurred = tmp_path / "blurred.png"
+    Image.fromarray(blur(region[None], 3.0)[0]).save(blurred)
+    tiling = replace(TILING, **parse_limits("sharpness=60"))
+    opts = ExtractOptions((TEACHER,), tiling, device="cpu", assume_mpp=0.5)
+    report = run_extract([real_slide, blurred], tmp_path / "store", opts)
+    (failed,) = report.failed
+    assert [o.path for o in report.outcomes if o.status == "done"] == [str(real_slide)]
+    assert failed.error.startswith(f"{blurred}: none of its") and "--min-quality sharpness=60" in failed.error
+    assert "relax --min-quality" in failed.error and "\n" not in failed.error
     store = Store.open(tmp_path / "store", read_only=True)
-    assert [f.message for f in store.failures()] == [outcome.error]
-    assert store.sql("SELECT count(*) AS n FROM tiles").column("n")[0].as_py() == 0
+    assert [f.message for f in store.failures()] == [failed.error]
+    assert store.sql("SELECT count(DISTINCT slide_id) AS n FROM tiles").column("n")[0].as_py() == 1
 
 
 def test_cli_min_quality(real_slide, tmp_path):
