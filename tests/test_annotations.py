@@ -221,6 +221,11 @@ def test_bad_files_are_one_line_each_and_the_rest_of_the_batch_completes(extract
     single = run("annotations", "import", folder / "broken.geojson", "-s", store_path, "--slide", sid[:8])
     assert single.exit_code == 2 and single.output.count("\n") == 1 and "Traceback" not in single.output
     assert Store.open(store_path, read_only=True).version == before + 1
+    several = run("annotations", "import", folder, "-s", store_path, "--slide", sid)
+    assert several.exit_code == 2 and "takes one annotation file, got 5" in several.output
+    bound = run("search", "-s", store_path, "-m", TEACHER, "--tile", 1, "--in-class", "Tumor:1.5")
+    assert bound.exit_code == 2 and "in (0, 1], e.g. Tumor:0.5" in bound.output.replace("\n", " ")
+    assert Store.open(store_path, read_only=True).version == before + 1
     # --slide takes the slide's file name (or path, id, id prefix) whatever the export is called.
     named = run("annotations", "import", folder / "unknown_slide.geojson", "-s", store_path, "--slide",
                 slide_path.name)
