@@ -72,18 +72,21 @@ def cohort(tmp_path_factory, one_torch_thread) -> Cohort:
 
 
 @pytest.fixture(scope="module")
-def server(cohort) -> str:
-    """``fs view --port 0`` in its own process; the URL it prints."""
-    proc = subprocess.Popen([sys.executable, "-c", "from featurestore.cli.main import app; app()", "view", "-s",
-                             str(cohort.store), "--port", "0", "--runs", str(cohort.run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def server(cohort, tmp_path_factory) -> str:
+    """``fs view --port 0`` in its own process; the URL it prints. Its log goes to a file, which a pipe nobody
+    reads could fill and stall the server."""
+    log = tmp_path_factory.mktemp("server") / "stderr.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", "from featurestore.cli.main import app; app()", "view", "-s",
+                                 str(cohort.store), "--port", "0", "--runs", str(cohort.run)],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()
     reader.join(60)
     try:
         found = re.search(r"http://127\.0\.0\.1:(\d+)/", line[0] if line else "")
-        assert found, f"fs view did not start: {line} {proc.poll() and proc.stderr.read()}"
+        assert found, f"fs view did not start: {line} {log.read_text()[-2000:]}"
         yield found.group(0).rstrip("/")
     finally:
         proc.terminate()
@@ -274,13 +277,15 @@ def render(url: str, out: Path | None = None) -> str:
             f"{uuid.uuid4().hex[:8]}"]
     if out is not None:
         subprocess.run([*args, f"--screenshot={out}", url], check=True, capture_output=True, timeout=90)
+        with Image.open(out) as shot:  # a 256-colour palette keeps the README's pictures small
+            shot.convert("RGB").quantize(256).save(out, optimize=True)
     return subprocess.run([*args, "--dump-dom", url], check=True, capture_output=True, text=True,
                           timeout=90).stdout
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
 def test_pages_render_in_a_browser(cohort, server):
-    # FS_VIEWER_SCREENSHOTS=docs also saves the README's pictures of the three pages (a second browser run each).
+    # FS_VIEWER_SCREENSHOTS=DIR also saves pictures of the three pages there (a second browser run each).
     shots = Path(os.environ["FS_VIEWER_SCREENSHOTS"]) if os.environ.get("FS_VIEWER_SCREENSHOTS") else None
     where = urllib.request.quote("l.label IS NOT NULL")
     cohort_dom = render(f"{server}/?where={where}", shots and shots / "viewer-cohort.png")

@@ -89,6 +89,7 @@ class ViewerData:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._lock = threading.Lock()
+        self._slides: tuple[int, dict[str, SlideRow]] = (-1, {})
 
     def snapshot(self) -> Snapshot:
         # Store.snapshot swaps its cached snapshot when the log moves; one thread at a time does so, and the
@@ -146,11 +147,20 @@ class ViewerData:
     # --- one slide -------------------------------------------------------------------------------
 
     def slide(self, snap: Snapshot, slide_id: str) -> SlideRow:
+        """A slide by id; remembered for the snapshot's version, since every deep zoom tile asks for it."""
+        version, known = self._slides
+        if version == snap.version and slide_id in known:
+            return known[slide_id]
         rows = snap.sql("SELECT slide_id, path, vendor, width, height, mpp_x, mpp_y FROM slides WHERE slide_id = ?",
                         [slide_id]).to_pylist()
         if not rows:
             raise NotFoundError(f"slide {slide_id[:64]!r} is not in the store; pick a slide from the cohort page")
-        return SlideRow(**rows[0])
+        found = SlideRow(**rows[0])
+        with self._lock:
+            if self._slides[0] != snap.version:
+                self._slides = (snap.version, {})
+            self._slides[1][slide_id] = found
+        return found
 
     def slide_info(self, slide_id: str) -> dict[str, Any]:
         snap = self.snapshot()

@@ -40,8 +40,10 @@ function fmt(v) {
   return String(v);
 }
 
+// Label columns of a hit; one that only repeats the slide's file name (the labels CSV's key) is left out.
 function labelText(row) {
-  return Object.entries(row).filter(([k]) => !STANDARD.has(k)).map(([k, v]) => `${k}=${fmt(v)}`).join(" ");
+  return Object.entries(row).filter(([k, v]) => !STANDARD.has(k) && v !== row.name)
+    .map(([k, v]) => `${k}=${fmt(v)}`).join(" ");
 }
 
 // --- search results, shared by the search page and the slide page's neighbours --------------------------------
