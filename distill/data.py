@@ -158,16 +158,38 @@ class ArrayBags:
 BagSource = BagReader | ArrayBags
 
 
-def slide_set_bags(store: Store | Snapshot, model: str) -> ArrayBags:
+class SlideSetBags(ArrayBags):
     """A slide embedding set (``fs slide-encode``, e.g. ``titan:conch-v1.5``) as bags of one vector per slide.
 
     Every MIL head then trains on slide embeddings unchanged: attention over a bag of one is that
     vector, and mean pooling returns it. The single row sits at the slide's origin and has no tile id.
     """
-    ss = slide_set(store, model)
-    ids, vectors, _ = read_slide_set(store, ss)
-    origin = np.zeros((1, 2), np.int64)
-    return ArrayBags(ss.name, {sid: vectors[i:i + 1] for i, sid in enumerate(ids)}, dict.fromkeys(ids, origin))
+
+    def __init__(self, store: Store | Snapshot, model: str) -> None:
+        self.slide_set = slide_set(store, model)
+        ids, vectors, _ = read_slide_set(store, self.slide_set)
+        origin = np.zeros((1, 2), np.int64)
+        super().__init__(self.slide_set.name, {sid: vectors[i:i + 1] for i, sid in enumerate(ids)},
+                         dict.fromkeys(ids, origin))
+
+
+def open_bags(store: Store | Snapshot, model: str, *, cache_bytes: int = 0) -> BagReader | SlideSetBags:
+    """The bags ``model`` names: a tile embedding set's (encoder name, view name or set id), or a slide
+    embedding set's bags of one vector (``<slide encoder>:<tile encoder>``)."""
+    if is_slide_set(store, model):
+        return SlideSetBags(store, model)
+    return BagReader(store, store.embedding_set(model), cache_bytes=cache_bytes)
+
+
+def source_record(reader: BagSource) -> dict[str, object]:
+    """What a run's config records of the bags it trained on (in-memory bags: their name and width)."""
+    if isinstance(reader, BagReader):
+        return reader.es.to_json_dict() | {"set_id": reader.es.id}
+    if isinstance(reader, SlideSetBags):
+        ss = reader.slide_set
+        return {"slide_set": ss.name, "set_id": ss.set_id, "encoder_id": ss.encoder_id, "encoder_name": ss.encoder,
+                "tiles_set_id": ss.tiles_set_id, "embed_dim": ss.embed_dim}
+    return {"encoder_name": reader.name, "embed_dim": reader.dim}
 
 
 def grid_positions(xy: np.ndarray) -> np.ndarray:
@@ -316,7 +338,7 @@ def bags(store: Store | Snapshot, model: str, label: str | None = None, slides: 
     """A torch ``Dataset`` of one embedding set's bags, as ``SlideBag`` records; batch with ``collate_bags``.
 
     ``model``: encoder name, SQL view name or set id, or a slide embedding set of ``fs slide-encode``
-    (``<slide encoder>:<tile encoder>``, bags of one vector: see ``slide_set_bags``). ``label``: a
+    (``<slide encoder>:<tile encoder>``, bags of one vector: see ``SlideSetBags``). ``label``: a
     numeric or boolean column of the labels table whose value becomes each bag's ``target`` (None for
     inference: targets are None).
     ``slides``: a subset of the set's slide ids, kept in the order given (default: every slide of
@@ -330,13 +352,11 @@ def bags(store: Store | Snapshot, model: str, label: str | None = None, slides: 
     if not isinstance(cache_bytes, int) or cache_bytes < 0:
         raise InvalidArgumentError(f"cache_bytes must be a whole number of bytes >= 0, got {cache_bytes!r}")
     snapshot = store.snapshot() if isinstance(store, Store) else store
-    if is_slide_set(snapshot, model):
-        reader: BagSource = slide_set_bags(snapshot, model)
-        ids = reader.slide_ids if slides is None else slides
+    reader = open_bags(snapshot, model, cache_bytes=cache_bytes)
+    if isinstance(reader, BagReader):
+        ids = snapshot.bag_slide_ids(reader.es, slides)
     else:
-        es = snapshot.embedding_set(model)
-        ids = snapshot.bag_slide_ids(es, slides)
-        reader = BagReader(snapshot, es, cache_bytes=cache_bytes)
+        ids = reader.slide_ids if slides is None else slides
     targets = None if label is None else _label_targets(snapshot, label, ids)
     return BagDataset(reader, ids, targets, max_tiles=max_tiles, coords=grid, seed=seed)
 

@@ -23,7 +23,7 @@ import torch
 
 from featurestore.devices import amp_dtype, resolve_device
 from featurestore.distill import report
-from featurestore.distill.data import BagDataset, BagReader, BagSource
+from featurestore.distill.data import BagDataset, BagReader, BagSource, open_bags, source_record
 from featurestore.distill.errors import ConfigError, require
 from featurestore.distill.fit import Loss, fit, head_forward, task_loss_on
 from featurestore.distill.mil import HeadConfig, build_head
@@ -32,7 +32,6 @@ from featurestore.distill.runtime import infer, make_loader, save_checkpoint
 from featurestore.distill.schedule import TRAIN, TRAIN_CV, CrossValidation, Schedule
 from featurestore.distill.splits import Split, column_splits, kfold_splits
 from featurestore.distill.tasks import Task, TaskSpec, make_task
-from featurestore.schemas import EmbeddingSet
 from featurestore.store import Store
 
 Progress = Callable[[str], None]
@@ -130,8 +129,7 @@ def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     with staged_run(cfg.out, run_id) as staging:
         store = Store.open(cfg.store, read_only=True)
-        es = store.embedding_set(cfg.model)
-        reader = BagReader(store, es, cache_bytes=int(cfg.cache_gb * 2**30))
+        reader = open_bags(store, cfg.model, cache_bytes=int(cfg.cache_gb * 2**30))
         cohort = load_cohort(store, reader, cfg.task, cfg.schedule.group, cfg.split)
         task = make_task(cfg.task, cohort.labels)
         targets = task.targets(cohort.labels)
@@ -140,7 +138,7 @@ def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
         say(f"{len(cohort.slide_ids)} slides, {len(set(cohort.groups))} patients, {len(splits)} splits on {device}"
             + (f"; skipped {cohort.missing_label} slides without labels" if cohort.missing_label else ""))
         (staging / "checkpoints").mkdir()
-        write_json(staging / "config.json", _resolved_config(cfg, run_id, es, task, cohort, device))
+        write_json(staging / "config.json", _resolved_config(cfg, run_id, reader, task, cohort, device))
         pq.write_table(_splits_table(splits, cohort), staging / "splits.parquet")
         predictions, history = [], []
         for sp in splits:
@@ -155,7 +153,7 @@ def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
         pq.write_table(table, staging / "predictions.parquet")
         pq.write_table(pa.Table.from_pylist(history), staging / "history.parquet")
         metrics = report.write_report(staging, task, table, n_boot=cfg.bootstrap)
-        if cfg.heatmaps:
+        if cfg.heatmaps and isinstance(reader, BagReader):
             report.attention_heatmaps(staging, store, reader, task, table, cfg.heatmaps, device)
     return RunResult(cfg.out, run_id, metrics)
 
@@ -233,14 +231,14 @@ def _splits_table(splits: list[Split], cohort: Cohort) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def _resolved_config(cfg: TrainConfig, run_id: str, es: EmbeddingSet, task: Task, cohort: Cohort,
+def _resolved_config(cfg: TrainConfig, run_id: str, reader: BagSource, task: Task, cohort: Cohort,
                      device: torch.device) -> dict[str, Any]:
     return {
         "run_id": run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **cfg.to_dict(),
         "resolved": {"device": str(device), "amp": str(amp_dtype(device)).removeprefix("torch."),
                      "landmarks": cfg.head.landmarks or cfg.head.hidden // 2, "task": task.to_dict(),
                      "primary_metric": task.primary},
-        "embedding_set": es.to_json_dict() | {"set_id": es.id},
+        "embedding_set": source_record(reader),
         "cohort": {"slides": len(cohort.slide_ids), "patients": len(set(cohort.groups.tolist())),
                    "skipped_missing_label": cohort.missing_label,
                    "skipped_unlabelled": cohort.unlabelled},

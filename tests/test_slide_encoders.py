@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from featurestore.cli import search as search_cli
 from featurestore.cli import slide_encode as slide_encode_cli
+from featurestore.cli import train as train_cli
 from featurestore.encoders.slide import build_slide_encoder, list_slide_encoders, slide_encoder_config
 from featurestore.encoders.slide.titan import alibi_bias, grid
 from featurestore.index import search, slide_set
@@ -33,6 +34,7 @@ runner = CliRunner()
 app = typer.Typer()
 slide_encode_cli.register(app)
 search_cli.register(app)
+train_cli.register(app)
 
 
 def linear(name: str, out: int, inp: int) -> Shapes:
@@ -199,17 +201,20 @@ def commit_grid_slide(store: Store, slide: Slide, tiling: TilingSpec, spec: Enco
     store.commit_slide(SlideCommit(slide, tiling, tiles, {spec: emb}, dtype="float16"))
 
 
+SLIDES = 8
+
+
 @pytest.fixture
 def store_path(tmp_path):
-    """Four slides with CONCH v1.5 bags of 512 px tiles at 0.5 µm/px (TITAN's and FEATHER's contract), and
+    """Eight slides with CONCH v1.5 bags of 512 px tiles at 0.5 µm/px (TITAN's and FEATHER's contract), and
     labels; the slides are 0.25 µm/px scans, so a tile's level-0 footprint is 1024 px."""
     store = Store.create(tmp_path / "s")
     tiling = TilingSpec(target_mpp=0.5, tile_size=512)
-    for i in range(4):
+    for i in range(SLIDES):
         slide = Slide(**{**make_slide(i).to_dict(), "mpp_x": 0.25, "mpp_y": 0.25})
         commit_grid_slide(store, slide, tiling, tile_encoder("conch-v1.5", 768), 10 + 3 * i, seed=i)
     csv = tmp_path / "labels.csv"
-    csv.write_text("filename,label\n" + "".join(f"slide_{i}.svs,{i % 2}\n" for i in range(4)))
+    csv.write_text("filename,label\n" + "".join(f"slide_{i}.svs,{i % 2}\n" for i in range(SLIDES)))
     store.import_labels(csv)
     return store.root
 
@@ -223,28 +228,28 @@ def test_slide_encode_commits_a_searchable_slide_set_and_resumes(store_path, che
     done = run("slide-encode", "-s", store_path, "--tiles", "conch-v1.5", "--encoder", "titan",
                "--weights", weights, "--device", "cpu")
     assert done.exit_code == 0, done.output
-    assert "titan over conch-v1.5: encoded 4 slides, 0 already done" in done.output.replace("\n", " ")
+    assert "titan over conch-v1.5: encoded 8 slides, 0 already done" in done.output.replace("\n", " ")
     store = Store.open(store_path)
     rows = store.sql("SELECT slide_id, encoder, n_tiles, len(embedding) AS dim FROM slide_features "
                      "ORDER BY slide_id").to_pylist()
-    assert [(r["encoder"], r["n_tiles"], r["dim"]) for r in rows] == [("titan", 10 + 3 * i, 768) for i in range(4)]
+    assert [(r["encoder"], r["n_tiles"], r["dim"]) for r in rows] == [("titan", 10 + 3 * i, 768) for i in range(SLIDES)]
     ss = slide_set(store, "titan:conch-v1.5")
-    assert ss.slides == 4 and ss.embed_dim == 768 and ss.tiles_encoder == "conch-v1.5"
+    assert ss.slides == SLIDES and ss.embed_dim == 768 and ss.tiles_encoder == "conch-v1.5"
     specs = store.sql("SELECT input_size, pooling FROM encoders WHERE name = 'titan'").to_pylist()
     assert specs == [{"input_size": 512, "pooling": "pooler"}]
     again = run("slide-encode", "-s", store_path, "-t", "conch-v1.5", "-e", "titan", "--weights", weights,
                 "--device", "cpu")
-    assert "encoded 0 slides, 4 already done" in again.output.replace("\n", " ")
+    assert "encoded 0 slides, 8 already done" in again.output.replace("\n", " ")
     hits = run("search", "-s", store_path, "-m", "titan", "--slide", make_slide(2).slide_id, "-f", "json")
     assert hits.exit_code == 0, hits.output
     found = json.loads(hits.output)
     assert found[0]["slide_id"] == make_slide(2).slide_id and found[0]["score"] == pytest.approx(1.0, abs=1e-5)
-    assert len(found) == 4 and {"label", "n_tiles"} <= set(found[0])
+    assert len(found) == SLIDES and {"label", "n_tiles"} <= set(found[0])
     odd = search(store, "titan:conch-v1.5", slide_id=make_slide(1).slide_id, where="l.label = 1")
     assert set(odd.column("label").to_pylist()) == {1}
 
 
-def test_mean_encoder_matches_the_bag_mean_and_trains_as_bags_of_one(store_path):
+def test_mean_encoder_matches_the_bag_mean_and_trains_as_bags_of_one(store_path, tmp_path):
     from featurestore.distill.data import bags, collate_bags
 
     done = run("slide-encode", "-s", store_path, "-t", "conch-v1.5", "-e", "mean", "--device", "cpu")
@@ -256,8 +261,15 @@ def test_mean_encoder_matches_the_bag_mean_and_trains_as_bags_of_one(store_path)
     np.testing.assert_allclose(stored, store.read_bag(es, sid).astype(np.float32).mean(0), rtol=1e-5, atol=1e-6)
     data = bags(store, "mean:conch-v1.5", label="label")
     batch = collate_bags([data[i] for i in range(len(data))])
-    assert batch.x.shape == (4, 1, 768) and batch.mask.all() and batch.y.tolist() == [0, 1, 0, 1]
+    assert batch.x.shape == (SLIDES, 1, 768) and batch.mask.all() and batch.y.tolist() == [0, 1] * (SLIDES // 2)
     np.testing.assert_allclose(batch.x[3, 0].numpy(), stored, rtol=1e-6)
+    trained = run("train", "-s", store_path, "-m", "mean:conch-v1.5", "--label", "label", "--head", "abmil",
+                  "--folds", 2, "--seeds", 1, "--epochs", 2, "--group", "none", "--device", "cpu", "--bootstrap", 10,
+                  "--out", tmp_path / "run")
+    assert trained.exit_code == 0, trained.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["embedding_set"]["slide_set"] == "mean:conch-v1.5" and config["cohort"]["slides"] == SLIDES
+    assert not list((tmp_path / "run").rglob("*heatmap*")), "a bag of one has no attention map to draw"
 
 
 @pytest.mark.parametrize(("encoder", "wrong"), [("chief", "tile encoder conch-v1.5, not ctranspath"),
