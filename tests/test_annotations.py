@@ -238,6 +238,7 @@ def test_bad_files_are_one_line_each_and_the_rest_of_the_batch_completes(extract
     ({"type": "FeatureCollection", "features": [
         feature(TUMOR, {"names": ["Tumor", "Positive"]}),
         feature({"type": "LineString", "coordinates": [[0, 0], [9, 9]]}, "Stroma"),
+        {"type": "Feature", "geometry": None, "properties": {"classification": {"name": "Stroma"}}},
         feature(STROMA, "Stroma", object_type="detection")]}, ["Tumor: Positive"]),
 ])
 def test_qupath_export_shapes(tmp_path, doc, classes):

@@ -39,6 +39,8 @@ UNCLASSIFIED = "Unclassified"
 TISSUE = "Tissue"
 """Class of the tissue contours ``fs extract --geojson`` writes."""
 
+_TISSUE_COLOUR = [0, 160, 0]  # the green of the QC image's tissue outline
+
 BOUNDS_TOLERANCE = 0.01
 """Share of the slide's width and height an annotation may reach beyond its edge (brush strokes that
 overshoot); geometry there is clipped away. Beyond it the file is taken to be of another slide or scale."""
@@ -96,10 +98,12 @@ def read_qupath(path: str | Path) -> tuple[list[QuPathObject], int]:
     objects: list[QuPathObject] = []
     skipped = 0
     for i, feature in enumerate(features):
-        geometry = feature.get("geometry") if isinstance(feature, dict) else None
-        if not isinstance(geometry, dict) or "type" not in geometry:
-            raise AnnotationError(f"{path}: feature {i} has no GeoJSON geometry; {_EXPORT_HINT}")
-        if geometry["type"] not in _AREAL:
+        if not isinstance(feature, dict) or feature.get("type", "Feature") != "Feature":
+            raise AnnotationError(f"{path}: feature {i} is not a GeoJSON Feature; {_EXPORT_HINT}")
+        geometry = feature.get("geometry")
+        if geometry is not None and (not isinstance(geometry, dict) or "type" not in geometry):
+            raise AnnotationError(f"{path}: feature {i} has a geometry without a GeoJSON type; {_EXPORT_HINT}")
+        if geometry is None or geometry["type"] not in _AREAL:
             skipped += 1
             continue
         try:
@@ -236,7 +240,7 @@ def mask_polygons(mask: TissueMask, width: int, height: int) -> list[shapely.Pol
 
 def tissue_features(polygons: Sequence[shapely.Polygon]) -> list[dict]:
     """Tissue contours as QuPath annotations of class :data:`TISSUE`."""
-    return [_feature(p, "annotation", TISSUE, {}) for p in polygons]
+    return [_feature(p, "annotation", {"name": TISSUE, "color": _TISSUE_COLOUR}) for p in polygons]
 
 
 def tile_features(x: np.ndarray, y: np.ndarray, footprint: float,
@@ -256,11 +260,9 @@ def tile_features(x: np.ndarray, y: np.ndarray, footprint: float,
     return out
 
 
-def _feature(geom: shapely.Geometry, object_type: str, class_name: str, measurements: Mapping[str, float]) -> dict:
+def _feature(geom: shapely.Geometry, object_type: str, classification: dict) -> dict:
     geometry = json.loads(shapely.to_geojson(shapely.set_precision(geom, 0.01)))
-    properties: dict[str, Any] = {"objectType": object_type, "classification": {"name": class_name}}
-    if measurements:
-        properties["measurements"] = dict(measurements)
+    properties: dict[str, Any] = {"objectType": object_type, "classification": classification}
     if object_type == "annotation":
         properties["isLocked"] = True  # contours computed from the mask: QuPath should not let a click move them
     return {"type": "Feature", "geometry": geometry, "properties": properties}
