@@ -54,7 +54,10 @@ def train_command(
     label: Annotated[str, typer.Option(help="Labels column to learn; for survival, the follow-up time.")],
     out: Out,
     task: TaskKind = "classification",
-    head: Annotated[str, typer.Option(help=registry_name("MIL head"))] = "abmil",
+    head: Annotated[str, typer.Option(help=registry_name("MIL head; with --compare, several: mean,abmil,…"))]
+    = "abmil",
+    compare: Annotated[bool, typer.Option(help="Train every --head on the same splits and seeds; write a paired "
+                                         "comparison (comparison.md) with a recommendation.")] = False,
     event: Annotated[str | None, typer.Option(help="Survival: column with 1 = event, 0 = censored.")] = None,
     loss: Annotated[str | None, typer.Option(help=registry_name("Loss; default ce / coral / cox / mse by task"))]
     = None,
@@ -90,19 +93,33 @@ def train_command(
     Splits are stratified and grouped by patient; the model is selected on an inner validation
     split of the training patients, never on the test fold.
     """
+    from featurestore.distill.errors import ConfigError
     from featurestore.distill.mil import HeadConfig
     from featurestore.distill.tasks import TaskSpec
     from featurestore.distill.train import TrainConfig, train
 
+    names = [h.strip() for h in head.split(",") if h.strip()]
+    if len(names) != 1 and not compare:
+        raise ConfigError(f"--head {head} names {len(names)} heads; pass --compare to compare them, or name one")
+    heads = [HeadConfig(h, hidden, attention_dim, dropout, attention_heads, landmarks, k_sample, instance_weight)
+             for h in names]
     cfg = TrainConfig(
         store=store, model=model, out=out,
         task=TaskSpec(task, label, event, loss or "", class_weights, bins, threshold),
-        head=HeadConfig(head, hidden, attention_dim, dropout, attention_heads, landmarks, k_sample, instance_weight),
+        head=heads[0],
         schedule=replace(TRAIN, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                          device=device, group=group_column(group)),
         cv=replace(TRAIN_CV, folds=folds, seeds=seeds, val_fraction=val_fraction, patience=patience,
                    max_tiles=max_tiles or None),
         split=split, workers=workers, cache_gb=cache_gb, bootstrap=bootstrap, heatmaps=heatmaps)
+    if compare:
+        from featurestore.distill.compare import compare as compare_heads
+        from featurestore.distill.compare import markdown
+
+        comparison = compare_heads(cfg, heads, on_progress=lambda line: console.print(line, highlight=False))
+        console.print(markdown(comparison), highlight=False)
+        console.print(f"comparison written to {out}")
+        return
     result = train(cfg, on_progress=lambda line: console.print(line, highlight=False))
     _print_metrics(result.metrics, f"{head} · {task} · {label}")
     console.print(f"run {result.run_id} written to {result.run_dir}")

@@ -3,7 +3,11 @@ teacher, baseline and students.
 
 AdamW on a ``Loss`` for at most ``schedule.epochs`` epochs. After each epoch the caller's validation
 signal is measured in eval mode; the weights of the epoch where it was lowest are kept, and training
-stops after ``patience`` epochs without improvement. Without a validation split the last epoch is
+stops after ``patience`` epochs without improvement. With ``window`` > 1 the signal is the mean over the
+last ``window`` epochs and the kept weights are the average of those epochs' weights: on a validation
+split of a handful of slides the loss of single epochs is mostly noise, and picking its minimum picks
+the luckiest epoch, while a window's mean is steadier and its averaged weights generalise better
+(stochastic weight averaging, Izmailov et al. 2018). Without a validation split the last epoch is
 kept. On CUDA forward passes autocast (``featurestore.devices``) and float16 steps scale the loss;
 losses are computed in float32.
 
@@ -16,6 +20,7 @@ they look up per-slide targets.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,13 +81,17 @@ class Fitted:
 
 
 def fit(model: nn.Module, loss: Loss, train: BagDataset, rows: np.ndarray, validate: Callable[[], float] | None,
-        schedule: Schedule, patience: int, device: torch.device, seed: int, workers: int = 0) -> Fitted:
+        schedule: Schedule, patience: int, device: torch.device, seed: int, workers: int = 0,
+        window: int = 1) -> Fitted:
     """Train ``model`` (every parameter, in place) on ``train``, whose items are the cohort rows ``rows``;
-    ``validate`` returns the validation signal. Leaves ``model`` in eval mode with its best weights."""
+    ``validate`` returns the validation signal, averaged with its ``window`` − 1 predecessors. Leaves
+    ``model`` in eval mode with its best weights (the average over the best window); ``best_epoch`` is the
+    window's last epoch."""
     opt = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     scaler = grad_scaler(device)
     loader = make_loader(train, schedule.batch_size, shuffle=True, seed=seed, workers=workers)
     best_loss, best_epoch, best_state, waited = float("inf"), schedule.epochs - 1, None, 0
+    recent: deque[tuple[float, dict[str, Tensor]]] = deque(maxlen=window)
     history: list[dict[str, float]] = []
     for epoch in range(schedule.epochs):
         train.set_epoch(epoch)
@@ -99,9 +108,11 @@ def fit(model: nn.Module, loss: Loss, train: BagDataset, rows: np.ndarray, valid
         if validate is not None:
             model.eval()
             row["val_loss"] = validate()
-            if row["val_loss"] < best_loss:
-                best_loss, best_epoch, waited = row["val_loss"], epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            recent.append((row["val_loss"], {k: v.detach().clone() for k, v in model.state_dict().items()}))
+            smoothed = float(np.mean([v for v, _ in recent]))
+            if smoothed < best_loss:
+                best_loss, best_epoch, waited = smoothed, epoch, 0
+                best_state = _average([state for _, state in recent])
             else:
                 waited += 1
         history.append(row)
@@ -111,6 +122,14 @@ def fit(model: nn.Module, loss: Loss, train: BagDataset, rows: np.ndarray, valid
         model.load_state_dict(best_state)
     model.eval()
     return Fitted(best_epoch, history)
+
+
+def _average(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The mean of state dicts; integer buffers (counters) are taken from the last one."""
+    if len(states) == 1:
+        return states[0]
+    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[-1].items()}
 
 
 def task_loss_on(head: MILHead | nn.Module, task_loss: Callable[[Tensor, Tensor], Tensor], ds: BagDataset,

@@ -34,6 +34,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "patience": (lambda v: v >= 1, "must be >= 1"),
     "max_tiles": (lambda v: v is None or v >= 1, "must be >= 1, or None for every tile"),
+    "window": (lambda v: v >= 1, "must be >= 1"),
 }
 
 
@@ -78,13 +79,16 @@ class CrossValidation:
     initialisations. ``val_fraction`` of each fold's training patients form the validation split whose
     loss picks the best epoch (0: no early stopping, the last epoch is kept); training stops after
     ``patience`` epochs without improvement. ``max_tiles`` caps the tiles of a training bag (a fresh
-    random subset each epoch; None: all); validation and test bags are always whole."""
+    random subset each epoch; None: all); validation and test bags are always whole. With ``window`` > 1
+    the best epoch is where the validation loss averaged over ``window`` consecutive epochs is lowest,
+    and the kept weights are the average of those epochs' weights (``distill.fit``)."""
 
     folds: int
     seeds: int
     max_tiles: int | None
     val_fraction: float = 0.2
     patience: int = 10
+    window: int = 1
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -133,16 +133,16 @@ def train(cfg: TrainConfig, on_progress: Progress | None = None) -> RunResult:
         cohort = load_cohort(store, reader, cfg.task, cfg.schedule.group, cfg.split)
         task = make_task(cfg.task, cohort.labels)
         targets = task.targets(cohort.labels)
-        splits = _splits(cfg, cohort, task, targets)
+        splits = make_splits(cfg, cohort, task, targets)
         device = resolve_device(cfg.schedule.device)
         say(f"{len(cohort.slide_ids)} slides, {len(set(cohort.groups))} patients, {len(splits)} splits on {device}"
             + (f"; skipped {cohort.missing_label} slides without labels" if cohort.missing_label else ""))
         (staging / "checkpoints").mkdir()
         write_json(staging / "config.json", _resolved_config(cfg, run_id, reader, task, cohort, device))
-        pq.write_table(_splits_table(splits, cohort), staging / "splits.parquet")
+        pq.write_table(splits_table(splits, cohort), staging / "splits.parquet")
         predictions, history = [], []
         for sp in splits:
-            rows, hist, best_epoch = _run_split(sp, cfg, task, targets, cohort, reader, device,
+            rows, hist, best_epoch = run_split(sp, cfg, task, targets, cohort, reader, device,
                                                 staging / "checkpoints")
             predictions += rows
             history += hist
@@ -166,8 +166,8 @@ def cross_validate(cfg: TrainConfig, reader: BagSource, cohort: Cohort,
     task = make_task(cfg.task, cohort.labels)
     targets = task.targets(cohort.labels)
     rows: list[dict] = []
-    for sp in _splits(cfg, cohort, task, targets):
-        rows += _run_split(sp, cfg, task, targets, cohort, reader, device, None)[0]
+    for sp in make_splits(cfg, cohort, task, targets):
+        rows += run_split(sp, cfg, task, targets, cohort, reader, device, None)[0]
     return task, rows
 
 
@@ -176,7 +176,7 @@ def fold_metrics(task: Task, rows: list[dict]) -> dict[str, float]:
     return task.metrics(*_arrays(rows))
 
 
-def _splits(cfg: TrainConfig, cohort: Cohort, task: Task, targets: np.ndarray) -> list[Split]:
+def make_splits(cfg: TrainConfig, cohort: Cohort, task: Task, targets: np.ndarray) -> list[Split]:
     strata, cv = task.strata(targets), cfg.cv
     if cfg.split:
         return column_splits(cohort.labels.column(cfg.split).to_pylist(), cohort.groups, strata, cv.seeds,
@@ -184,7 +184,7 @@ def _splits(cfg: TrainConfig, cohort: Cohort, task: Task, targets: np.ndarray) -
     return kfold_splits(cohort.groups, strata, cv.folds, cv.seeds, cv.val_fraction)
 
 
-def _run_split(sp: Split, cfg: TrainConfig, task: Task, targets: np.ndarray, cohort: Cohort, reader: BagSource,
+def run_split(sp: Split, cfg: TrainConfig, task: Task, targets: np.ndarray, cohort: Cohort, reader: BagSource,
                device: torch.device, checkpoints: Path | None) -> tuple[list[dict], list[dict], int]:
     """Test-fold prediction rows, per-epoch history rows and the kept epoch of one (seed, fold)."""
     seed = 1000 * sp.seed + sp.fold
@@ -202,7 +202,7 @@ def _run_split(sp: Split, cfg: TrainConfig, task: Task, targets: np.ndarray, coh
                 if len(sp.val) else None)
     loss = Loss(head_forward(head, fitted.instance_labels), fitted.loss, head.cfg.instance_weight)
     result = fit(head, loss, dataset(sp.train, cfg.cv.max_tiles), sp.train, validate, cfg.schedule,
-                 cfg.cv.patience, device, seed, cfg.workers)
+                 cfg.cv.patience, device, seed, cfg.workers, cfg.cv.window)
     if checkpoints is not None:
         save_checkpoint(checkpoints / f"seed{sp.seed}-fold{sp.fold}.pt", head, fitted, in_dim=reader.dim,
                         seed=sp.seed, fold=sp.fold, best_epoch=result.best_epoch, train=[ids[r] for r in sp.train],
@@ -222,7 +222,7 @@ def _arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
             np.array([r["logits"] for r in rows], np.float64), np.array([r["score"] for r in rows]))
 
 
-def _splits_table(splits: list[Split], cohort: Cohort) -> pa.Table:
+def splits_table(splits: list[Split], cohort: Cohort) -> pa.Table:
     rows = []
     for sp in splits:
         for role, idx in (("train", sp.train), ("val", sp.val), ("test", sp.test)):
