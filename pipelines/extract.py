@@ -35,7 +35,7 @@ from featurestore.pipelines.register import describe_slide
 from featurestore.schemas import EmbeddingSet, EncoderSpec, Failure, FsError, Run, StoreWriteError, TilingSpec, utcnow
 from featurestore.schemas.tables import TileQuality
 from featurestore.slides import TileGrid, open_slide, qc_overlay, read_tiles, tile_grid, tissue_mask
-from featurestore.slides.quality import describe_limits, measure_tiles, within_limits
+from featurestore.slides.quality import describe_limits, inside_slide, measure_tiles, within_limits
 from featurestore.store import SlideCommit, Store, TiledPixels, tiles_table
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ def _prefetch(read: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray
 def _read_measured(reader, grid: TileGrid, idx: np.ndarray, size: int) -> tuple[np.ndarray, TileQuality]:
     """Read tiles and measure their quality in the same read thread, so measuring overlaps the model too."""
     pixels = read_tiles(reader, grid, idx, size)
-    return pixels, measure_tiles(pixels)
+    return pixels, measure_tiles(pixels, inside_slide(grid, reader.dimensions, idx, size))
 
 
 @dataclass
@@ -388,8 +388,9 @@ def _extra_layers(reader, slide_id: str, grid, opts: ExtractOptions, wanted: fro
             continue
         coarse = grid.coarsen(k)
         pixels = read_tiles(reader, coarse, np.arange(len(coarse)), spec.size, num_workers=opts.read_workers)
+        inside = inside_slide(coarse, reader.dimensions, np.arange(len(coarse)), spec.size)
         yield TiledPixels(derived, tiles_table(slide_id, derived.id, coarse.x, coarse.y, coarse.level,
-                                               coarse.read_size, coarse.tissue_fraction, measure_tiles(pixels)),
+                                               coarse.read_size, coarse.tissue_fraction, measure_tiles(pixels, inside)),
                           pixels)
 
 

@@ -48,6 +48,17 @@ def test_default_sharpness_keeps_every_tissue_tile_and_drops_them_blurred_by_a_m
     assert measure_tiles(blur(pixels, 2.0)).sharpness.max() < limit  # σ = 2 px = 1 µm at 0.5 µm/px
 
 
+def test_sharpness_ignores_the_step_to_edge_padding(he):
+    pixels, x, y, width, height = he
+    tile = blur(pixels[:1], 2.0)
+    padded = tile.copy()
+    padded[:, :, 150:] = 255
+    inside = np.array([[224, 150]])
+    assert measure_tiles(padded).sharpness[0] > 2 * measure_tiles(tile).sharpness[0]  # the step alone
+    assert measure_tiles(padded, inside).sharpness[0] == pytest.approx(measure_tiles(tile[:, :, :150]).sharpness[0])
+    assert measure_tiles(padded, inside).background_fraction[0] > 0.3
+
+
 def clean_tile(he) -> np.ndarray:
     """The H&E tile with the least ink-coloured and the least glass pixels."""
     quality = measure_tiles(he[0])
@@ -167,7 +178,7 @@ def test_a_model_added_later_embeds_the_kept_tiles_and_derived_pixels_are_measur
 
 def test_a_slide_whose_tiles_all_fail_is_a_one_line_failure_and_the_batch_completes(real_slide, tmp_path):
     with open_slide(real_slide) as reader:
-        region = reader.read_region((600, 1200), 0, (1120, 1120))  # 5 × 5 whole tiles: no white padding
+        region = reader.read_region((600, 1200), 0, (1024, 1024))  # its right and bottom tiles are padded
     blurred = tmp_path / "blurred.png"
     Image.fromarray(blur(region[None], 3.0)[0]).save(blurred)
     tiling = replace(TILING, **parse_limits("sharpness=60"))
