@@ -1,15 +1,16 @@
-"""The benchmark helpers whose mistakes would silently skew a reported ratio, and a tiny run of the scale
-benchmark (it times things, but no timing is checked)."""
+"""The benchmark helpers whose mistakes would silently skew a reported ratio, and tiny runs of the scale
+and formats benchmarks (they time things, but no timing is checked)."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import torch
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import _common, bench_scale
+from benchmarks import _common, bench_formats, bench_scale
 from benchmarks.__main__ import print_rows
 from benchmarks._common import best_of_interleaved
 from benchmarks.bench_distill import _conv_backward_flops
@@ -66,3 +67,23 @@ def test_scale_benchmark_runs_at_tiny_sizes() -> None:
                  "one more commit, mean", "fs sql count(*) from tiles, fresh process", "open CPU vs the smallest"):
         assert case in text
     assert sum("PASS" in r["target"] or "FAIL" in r["target"] for r in rows) >= 7
+
+
+def test_formats_benchmark_at_a_tiny_size_reads_lossless_files_as_the_svs_pixel_for_pixel() -> None:
+    """A 448-px crop of the real slide in every format: lossless files equal the SVS through every backend, JPEG
+    re-encodings differ a little, and every file is read and extracted."""
+    rows = bench_formats.run(True, bench_formats.Plan((1000, 1800, 448, 448), read_rounds=1, extract_rounds=1))
+    kinds = {k: [r for r in rows if r["benchmark"] == f"format {k}"] for k in ("pixels", "reading", "extraction")}
+    assert [len(v) for v in kinds.values()] == [10, 10, 7]  # 7 files; the SVS and both DICOMs by two backends each
+    for r in kinds["pixels"]:
+        mae, worst = r["value"], int(r["note"].removeprefix("max "))
+        if "JPEG q95" in r["case"] or "quality 95" in r["case"]:
+            assert 1 < mae < 8 and worst > 0, r  # measured 4.98 (max 81) on this crop
+        elif r["case"].startswith("Aperio SVS") and "cucim" in r["case"]:
+            assert mae < 1, r  # cuCIM's JPEG decoder against OpenSlide's
+        else:
+            assert (mae, worst) == (0, 0), r
+    assert all(r["ratio"] > 0 and r["vs"].startswith("Aperio SVS") for r in kinds["reading"] + kinds["extraction"])
+    tiles = [int(re.search(r"(\d+) tiles", r["case"]).group(1)) for r in kinds["extraction"]]
+    assert tiles[0] > 4 and tiles[1:] == [4] * 6  # the whole SVS; the crop's 2 × 2 tissue tiles in every file
+
