@@ -206,3 +206,6 @@ def test_cli_min_quality(real_slide, tmp_path):
     bad = runner.invoke(app, ["extract", str(real_slide), "-s", str(store), "-m", TEACHER, "--min-quality", "pen:1"])
     assert bad.exit_code == 2 and "--min-quality 'pen:1'" in bad.output and "Traceback" not in bad.output
     assert not store.exists()
+    defaults = ",".join(f"{name}={value:g}" for name, value in DEFAULT_LIMITS.items())
+    usage = runner.invoke(app, ["extract", "--help"], env={"COLUMNS": "300"}).output
+    assert defaults in " ".join(usage.replace("│", " ").split())
