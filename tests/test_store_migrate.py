@@ -21,7 +21,14 @@ import pytest
 from typer.testing import CliRunner
 
 from featurestore.cli.main import app
-from featurestore.schemas import FORMAT_VERSION, TILE_ANNOTATIONS_SCHEMA, StoreVersionError, TileQuality, TilingSpec
+from featurestore.schemas import (
+    ANNOTATIONS_SCHEMA,
+    FORMAT_VERSION,
+    TILE_ANNOTATIONS_SCHEMA,
+    StoreVersionError,
+    TileQuality,
+    TilingSpec,
+)
 from featurestore.store import SlideCommit, Store, migrate, tiles_table
 from tests.conftest import make_encoder, make_slide
 from tests.test_kill_points import killed
@@ -166,23 +173,33 @@ def test_two_migrations_and_a_writer_race(v2):
 def test_a_slide_s_latest_annotation_commit_replaces_all_its_rows_before_and_after_a_checkpoint(tmp_path):
     store = Store.create(tmp_path / "s")
 
-    def overlaps(slide: int, tiling: str, classes: list[str]) -> None:
+    def overlaps(slide: int, tiling: str, classes: list[str], *, shapes: bool = True) -> None:
         rows = [{"slide_id": make_slide(slide).slide_id, "tiling_id": tiling, "tile_index": i, "tile_id": i,
                  "class_name": c, "overlap": 0.5} for c in classes for i in range(3)]
         with store.transaction() as txn:
+            if shapes:
+                txn.add_table("annotations", pa.Table.from_pylist(
+                    [{"slide_id": make_slide(slide).slide_id, "class_name": c} for c in classes],
+                    schema=ANNOTATIONS_SCHEMA))
             txn.add_table("tile_annotations", pa.Table.from_pylist(rows, schema=TILE_ANNOTATIONS_SCHEMA))
 
     overlaps(0, "a", ["Tumor", "Stroma"])
-    overlaps(0, "b", ["Tumor"])
+    overlaps(0, "b", ["Tumor"], shapes=False)  # a later tiling's overlaps, written by its extraction
     overlaps(1, "a", ["Stroma"])
-    overlaps(0, "a", ["Necrosis"])  # re-import: Tumor and Stroma of (slide 0, tiling a) are gone
     query = "SELECT slide_id, tiling_id, class_name, count(*) AS n FROM tile_annotations GROUP BY ALL ORDER BY ALL"
-    want = [(make_slide(0).slide_id, "a", "Necrosis", 3), (make_slide(0).slide_id, "b", "Tumor", 3),
-            (make_slide(1).slide_id, "a", "Stroma", 3)]
+    want = [(make_slide(0).slide_id, "a", "Stroma", 3), (make_slide(0).slide_id, "a", "Tumor", 3),
+            (make_slide(0).slide_id, "b", "Tumor", 3), (make_slide(1).slide_id, "a", "Stroma", 3)]
+    assert [tuple(r.values()) for r in store.sql(query).to_pylist()] == want
+    overlaps(0, "a", ["Necrosis"])  # re-import: every earlier overlap of slide 0 is gone, of both tilings
+    want = [(make_slide(0).slide_id, "a", "Necrosis", 3), (make_slide(1).slide_id, "a", "Stroma", 3)]
     assert [tuple(r.values()) for r in store.sql(query).to_pylist()] == want
     store.checkpoint()
     overlaps(1, "a", ["Tumor"])
-    want[2] = (make_slide(1).slide_id, "a", "Tumor", 3)
+    want[1] = (make_slide(1).slide_id, "a", "Tumor", 3)
     assert [tuple(r.values()) for r in Store.open(tmp_path / "s").sql(query).to_pylist()] == want
     store.compact()
     assert [tuple(r.values()) for r in Store.open(tmp_path / "s").sql(query).to_pylist()] == want
+    with store.transaction() as txn:  # a re-import whose shapes cover no tile retires the slide's overlaps
+        txn.add_table("annotations", pa.Table.from_pylist([{"slide_id": make_slide(1).slide_id, "class_name": "Glass"}],
+                                                          schema=ANNOTATIONS_SCHEMA))
+    assert [tuple(r.values()) for r in store.sql(query).to_pylist()] == want[:1]

@@ -162,10 +162,16 @@ def connect(state: State) -> duckdb.DuckDBPyConnection:
             con.execute(f"CREATE TABLE {typed_empty(name)} AS SELECT * FROM _empty")
             con.unregister("_empty")
         con.execute(f"CREATE VIEW {raw} AS {source}")
-        if name != "tiles":
+        if name not in ("tiles", "tile_annotations"):
             con.execute(f"CREATE VIEW {name} AS {latest(name, raw)}")
     con.execute(f"CREATE VIEW tiles AS SELECT t.* FROM {RAW}.tiles t JOIN slide_tilings st "
                 "ON t.slide_id = st.slide_id AND t.tiling_id = st.tiling_id AND t.commit_id = st.commit_id")
+    # An import that leaves a tiling without overlaps (shapes only on glass) writes no rows for it: the
+    # slide's newest annotations commit still retires the overlaps of every import before it.
+    con.execute("CREATE VIEW tile_annotations AS SELECT t.* FROM "
+                f"({latest('tile_annotations', RAW + '.tile_annotations')}) t "
+                "JOIN (SELECT slide_id, max(commit_id) AS since FROM annotations GROUP BY slide_id) a "
+                "ON t.slide_id = a.slide_id AND t.commit_id >= a.since")
     con.execute(NO_EXTENSIONS)
     return con
 
