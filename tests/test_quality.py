@@ -154,7 +154,7 @@ def test_limits_keep_exactly_the_tiles_that_meet_them_renumbered(extracted, real
     sets = {es.tiling_id: es for es in store.embedding_sets() if es.encoder_name == TEACHER}
     bag, full = store.read_bag(sets[limited.id], slide.slide_id), store.read_bag(sets[TILING.id], slide.slide_id)
     assert bag.shape[0] == len(kept["x"])
-    assert np.allclose(bag, full[meets], atol=1e-2)
+    assert np.allclose(bag, full[meets], atol=1e-3)  # same pixels, same teacher: only batching differs
     assert np.array_equal(store.read_pixels(limited.id, slide.slide_id),
                           store.read_pixels(TILING.id, slide.slide_id)[meets])
 
