@@ -8,7 +8,7 @@ threshold means the same thing on every scanner.
   comparative study", ICPR 2000. Out-of-focus tiles lose the high frequencies the Laplacian responds
   to; so do empty ones (glass is flat), so it is low for both.
 * **pen_fraction**: share of pixels in ink colours. Blue and green ink are the RGB threshold boxes of
-  the pen filters of deephistopath (D. Erickson, "python-wsi-preprocessing", ``filter_blue_pen`` and
+  the pen filters of deephistopath (D. Eriksson, IBM, "python-wsi-preprocessing", ``filter_blue_pen`` and
   ``filter_green_pen``), which histolab ships unchanged: a pixel is blue ink when
   ``r < R and g < G and b > B`` and green ink when ``r < R and g > G and b > B`` for any listed
   ``(R, G, B)``; tissue-marking dye in those colours counts too. Black ink, which those filters leave
