@@ -31,8 +31,8 @@ demo: $(STAMP)
 	  --objective feature --input-size 96 --epochs 10 --batch-size 16 --lr 3e-3 --out $(DEMO)/runs/student
 	$(BIN)/fs extract $(DEMO)/cohort/slides --store $(DEMO)/store --model student:$(DEMO)/runs/student
 	$(BIN)/fs index build --store $(DEMO)/store --model efficientnet-lite0
-	tile=$$($(BIN)/fs sql "SELECT min(t.tile_id) AS tile_id FROM tiles t JOIN labels l USING (slide_id) \
-	  WHERE l.label = 1" --store $(DEMO)/store --format csv | tail -n 1) && \
+	tile=$$($(BIN)/fs sql "SELECT min(e.tile_id) AS tile_id FROM emb_efficientnet_lite0 e JOIN labels l \
+	  USING (slide_id) WHERE l.label = 1" --store $(DEMO)/store --format csv | tail -n 1) && \
 	$(BIN)/fs search --store $(DEMO)/store --model efficientnet-lite0 --tile $$tile --where "l.label = 1" -k 8
 	$(BIN)/fs info --store $(DEMO)/store
 	@echo "demo store: $(abspath $(DEMO)/store)   QC pictures: $(abspath $(DEMO)/store/qc)"

@@ -23,6 +23,9 @@ QUALITY = ("tissue_fraction", "sharpness", "pen_fraction", "background_fraction"
 """Per-tile scores the slide page can colour tiles by; a store written before a column existed lacks it."""
 
 _TILE_ID = re.compile(r"[0-9]{1,19}")
+_EMBEDDED_FIRST = ("ORDER BY tiling_id NOT IN (SELECT e.tiling_id FROM bags b JOIN embedding_sets e USING (set_id) "
+                   "WHERE b.slide_id = ?), tiling_id")
+"""A slide's tilings with embeddings before those that only cache pixels: the slide page opens on the first."""
 
 
 class PredicateError(FsError, ValueError):
@@ -166,8 +169,8 @@ class ViewerData:
         snap = self.snapshot()
         slide = self.slide(snap, slide_id)
         tilings = {t.id: t for t in snap.tilings()}
-        tiled = snap.sql("SELECT tiling_id, n_tiles, pixels FROM slide_tilings WHERE slide_id = ? ORDER BY tiling_id",
-                         [slide_id]).to_pylist()
+        tiled = snap.sql(f"SELECT tiling_id, n_tiles, pixels FROM slide_tilings WHERE slide_id = ? {_EMBEDDED_FIRST}",
+                         [slide_id, slide_id]).to_pylist()
         bags = set(snap.sql("SELECT set_id FROM bags WHERE slide_id = ?", [slide_id]).column("set_id").to_pylist())
         labels = snap.sql("SELECT * EXCLUDE (slide_id, commit_id) FROM labels WHERE slide_id = ?",
                           [slide_id]).to_pylist()
@@ -195,8 +198,8 @@ class ViewerData:
         (tile_id, tile_index, x, y and the quality columns the store has) in tile_index order."""
         snap = self.snapshot()
         slide = self.slide(snap, slide_id)
-        tiled = snap.sql("SELECT tiling_id FROM slide_tilings WHERE slide_id = ? ORDER BY tiling_id",
-                         [slide_id]).column("tiling_id").to_pylist()
+        tiled = snap.sql(f"SELECT tiling_id FROM slide_tilings WHERE slide_id = ? {_EMBEDDED_FIRST}",
+                         [slide_id, slide_id]).column("tiling_id").to_pylist()
         if not tiled:
             raise NotFoundError(f"slide {slide.name} has no tiles; run fs extract on it")
         tiling_id = tiling_id or tiled[0]
