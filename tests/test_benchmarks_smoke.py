@@ -4,16 +4,23 @@ and formats benchmarks (they time things, but no timing is checked)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import _common, bench_formats, bench_scale
+from benchmarks import _common, bench_extract, bench_formats, bench_scale
 from benchmarks.__main__ import print_rows
 from benchmarks._common import best_of_interleaved
 from benchmarks.bench_distill import _conv_backward_flops
+from benchmarks.peers import __main__ as peers
+from featurestore.pipelines import extract
+from featurestore.pipelines.demo import make_cohort
+from featurestore.pipelines.extract import ExtractOptions, run_extract
+from featurestore.schemas import TilingSpec
 
 
 def _conv_flops(conv: torch.nn.Conv2d, fixed: bool) -> tuple[int, int]:
@@ -87,3 +94,35 @@ def test_formats_benchmark_at_a_tiny_size_reads_lossless_files_as_the_svs_pixel_
     tiles = [int(re.search(r"(\d+) tiles", r["case"]).group(1)) for r in kinds["extraction"]]
     assert tiles[0] > 4 and tiles[1:] == [4] * 6  # the whole SVS; the crop's 2 × 2 tissue tiles in every file
 
+
+def test_extraction_breakdown_times_every_stage_of_the_real_pipeline_and_sums_to_the_wall(tmp_path: Path) -> None:
+    """A stage the pipeline stopped calling would read 0 s here: the benchmark would be measuring nothing."""
+    cohort = make_cohort(tmp_path / "cohort", 1, size=1024, seed=2)
+    opts = ExtractOptions(models=("test/tiny-cnn",), tiling=TilingSpec(0.5, 128), device="cpu", batch_size=4, qc=False)
+    originals = (extract.open_slide, extract._prefetch, extract.read_tiles, extract.extract_slide)
+    clock = bench_extract.StageClock()
+    with bench_extract.instrumented(clock):
+        report = run_extract([cohort.root / "slides"], tmp_path / "store", opts)
+    assert not report.failed and report.tiles > 2 * opts.batch_size
+    assert (extract.open_slide, extract._prefetch, extract.read_tiles, extract.extract_slide) == originals
+    for stage in (bench_extract.SETUP, bench_extract.WAIT, bench_extract.NORMALISE, bench_extract.MODEL,
+                  bench_extract.COMMIT, bench_extract.READ, "slides"):
+        assert clock.seconds[stage] > 0, stage
+    rows = bench_extract.breakdown_rows(clock, report.wall_seconds, "tiny")
+    main = [r for r in rows if r["unit"] == "s"]
+    assert sum(r["value"] for r in main) == pytest.approx(report.wall_seconds, abs=1e-3)
+    assert all(r["value"] >= 0 for r in main)
+    assert {r["case"].removeprefix("tiny: ") for r in rows if r["unit"] == "thread-s"} >= {bench_extract.READ}
+
+
+def test_peers_arguments_reject_unknown_tools_and_trident_needs_a_checkout(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--tools", "lazyslide,clam"])
+    assert "unknown clam" in capsys.readouterr().err
+    args = peers.parse_args(["--tools", "trident", "--rounds", "1"])
+    if args.trident_src is None:
+        assert peers.install_spec("trident", args) is None
+        assert "not on PyPI" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no pyproject.toml"):
+        peers.install_spec("trident", peers.parse_args(["--trident-src", str(tmp_path)]))
+    assert peers.install_spec("lazyslide", args) == [peers.LAZYSLIDE]
