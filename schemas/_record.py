@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
@@ -50,6 +51,12 @@ class Record:
     KIND: ClassVar[str] = "record"
 
     def __post_init__(self) -> None:
+        # A whole number given for a float field is stored as a float: 1000 and 1000.0 must hash to one id,
+        # since a record read back from Parquet always carries the float.
+        for name in _float_fields(type(self)):
+            value = getattr(self, name)
+            if type(value) is int:
+                object.__setattr__(self, name, float(value))
         self.validate()
 
     def validate(self) -> None:
@@ -77,6 +84,12 @@ class Record:
         if missing:
             raise InvalidRecordError(f"{cls.__name__}: missing field(s) {sorted(missing)}")
         return cls(**{k: _decode(v, hints[k]) for k, v in data.items()})
+
+
+@functools.cache
+def _float_fields(cls: type) -> tuple[str, ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(f.name for f in dataclasses.fields(cls) if hints[f.name] in (float, float | None))
 
 
 def _required(f: dataclasses.Field) -> bool:

@@ -26,6 +26,7 @@ from featurestore.schemas import (
     utcnow,
 )
 from featurestore.schemas.tables import ID_COLUMNS
+from featurestore.store import Store
 from tests.conftest import make_encoder, make_slide
 
 EXAMPLES = [
@@ -130,3 +131,11 @@ def test_tile_ids_are_deterministic_int63_and_distinct():
     assert len(set(ids)) == len(ids)
     assert tile_id("b" * 32, "t" * 16, 0) != ids[0]
     assert Tile("a" * 32, "t" * 16, 5, 0, 0, 0, 1, 1.0).tile_id == ids[5]
+
+
+def test_whole_numbers_in_float_fields_keep_the_id_through_the_store(tmp_path):
+    spec = TilingSpec(1, 224, min_sharpness=1000, max_pen=0)
+    assert spec.id == TilingSpec(1.0, 224, min_sharpness=1000.0, max_pen=0.0).id
+    store = Store.create(tmp_path / "s")
+    store.register(spec)
+    assert [t.id for t in Store.open(tmp_path / "s").tilings()] == [spec.id]
