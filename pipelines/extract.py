@@ -303,6 +303,8 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
             mpp = slide.mpp_x
             mask = tissue_mask(reader, opts.tiling, mpp=mpp, weights=opts.tissue_weights, device=device)
             grid = tile_grid(reader, opts.tiling, mask, mpp=mpp)
+            # Derived tilings cover the tissue grid whatever the quality limits keep: their ids do not hold them.
+            tissue_grid = grid
             if already_tiled:
                 tiles = store.read_tiles(opts.tiling.id, slide_id)
                 grid = grid.with_coordinates(tiles.column("x").to_numpy(), tiles.column("y").to_numpy())
@@ -324,8 +326,6 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
             if todo or cache_base or not already_tiled:
                 embeddings, device_s, seen = embed_batches(todo, stream, len(grid), device, keep_pixels=cache_base,
                                                            views=opts.teacher_views)
-            # Derived tilings cover the tissue grid whatever the quality limits keep: their ids do not hold them.
-            tissue_grid = grid
             if not already_tiled:
                 stage = "quality"
                 grid, quality = gate.kept(grid, path)

@@ -174,6 +174,12 @@ def test_a_model_added_later_embeds_the_kept_tiles_and_derived_pixels_are_measur
     (coarse,) = [t for t in store.tilings() if t.target_mpp == 1.0]
     measured = store.sql(f"SELECT count(*) AS n, count(sharpness) AS s FROM tiles WHERE tiling_id = '{coarse.id}'")
     assert measured.column("n")[0].as_py() == measured.column("s")[0].as_py() > 0
+    # The coarse tiling covers the tissue grid, whatever tiles the limits dropped: its id does not hold them.
+    every = store.read_tiles(TILING.id, slide.slide_id)
+    pitch = TILING.tile_size * TILING.target_mpp / slide.mpp_x
+    cells = {(round(x / pitch) // 2, round(y / pitch) // 2)
+             for x, y in zip(every.column("x").to_pylist(), every.column("y").to_pylist(), strict=True)}
+    assert store.read_tiles(coarse.id, slide.slide_id).num_rows == len(cells)
 
 
 def test_a_slide_whose_tiles_all_fail_is_a_one_line_failure_and_the_batch_completes(real_slide, tmp_path):
