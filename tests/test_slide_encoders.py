@@ -29,6 +29,7 @@ from featurestore.schemas import EncoderSpec, ModelError, Slide, TilingSpec
 from featurestore.store import SlideCommit, Store, tiles_table
 from tests.conftest import make_slide
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 Shapes = dict[str, tuple[int, ...]]
 runner = CliRunner()
 app = typer.Typer()
@@ -91,6 +92,21 @@ def shapes_titan() -> Shapes:
     tower |= pooler("attn_pool", 128) | pooler("attn_pool_contrastive", 1)
     text = {"text_encoder.token_embedding.weight": (64, 32), "text_encoder.positional_embedding": (16, 32)}
     return {f"vision_encoder.{k}": v for k, v in tower.items()} | text
+
+
+def shapes_gigapath() -> Shapes:
+    """``slide_encoder.pth``'s ``"model"``: ``gigapath_slide_enc12l768d`` (torchscale LongNet, sub-LN) plus a
+    pretraining-only tensor of the MAE decoder, which the vendor's non-strict load ignores."""
+    out = ({"cls_token": (1, 1, 768), "decoder_embed.weight": (512, 768)} | linear("patch_embed.proj", 768, 1536)
+           | norm("encoder.layer_norm", 768) | norm("norm", 768))
+    for i in range(12):
+        layer = f"encoder.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out |= linear(f"{layer}.self_attn.{proj}", 768, 768)
+        out |= (norm(f"{layer}.self_attn.inner_attn_ln", 768) | norm(f"{layer}.self_attn_layer_norm", 768)
+                | linear(f"{layer}.ffn.fc1", 3072, 768) | linear(f"{layer}.ffn.fc2", 768, 3072)
+                | norm(f"{layer}.ffn.ffn_layernorm", 3072) | norm(f"{layer}.final_layer_norm", 768))
+    return out
 
 
 LAYOUTS = {"chief": (shapes_chief, "CHIEF_pretraining.pth"), "feather": (shapes_feather, "pytorch_model.bin"),
@@ -290,3 +306,108 @@ def test_absent_weights_write_nothing(store_path, monkeypatch):
     refused = run("slide-encode", "-s", store_path, "-t", "conch-v1.5", "-e", "feather", "--device", "cpu")
     assert refused.exit_code == 2 and "MahmoodLab/abmil.base.conch_v15.pc108-24k" in refused.output
     assert Store.open(store_path).version == before
+
+
+# --- Prov-GigaPath's LongNet -----------------------------------------------------------------------
+
+
+def test_gigapath_layout_loads_strictly_on_the_meta_device():
+    """86M parameters: checked for keys and shapes without allocating them."""
+    from featurestore.encoders._registry import load_entrypoint
+    from featurestore.encoders._weights import load_strict
+
+    config = slide_encoder_config("gigapath-slide")
+    with torch.device("meta"):
+        network = load_entrypoint(config.builder)(config, 1536)
+    state = {k: torch.empty(s, device="meta") for k, s in shapes_gigapath().items()}
+    load_strict(config.name, network, load_entrypoint(config.checkpoint_filter)(state, network), "generated")
+    state.pop("encoder.layers.3.ffn.ffn_layernorm.weight")
+    with pytest.raises(ModelError, match="1 missing"):
+        load_strict(config.name, network, load_entrypoint(config.checkpoint_filter)(state, network), "generated")
+
+
+def dilated_reference(q, k, v, segments, ratios):
+    """A direct loop over LongNet's branches, segments, head groups and heads: zero-padded segments and
+    strides, softmax within each sparse set, branches merged by their log-sum-exp weights."""
+    import math
+
+    b, n, h, d = q.shape
+    outs, lses = [], []
+    for segment, ratio in zip(segments, ratios, strict=True):
+        length = min(segment, n)
+        total = -(-n // length) * length
+        out = torch.zeros(b, h, total, d)
+        lse = torch.full((b, h, total), -1e8)
+        for start in range(0, total, length):
+            span = length + (-length % ratio)
+            padded = [torch.cat([x[:, start:start + length], x.new_zeros(b, span - min(length, n - start), h, d)], 1)
+                      for x in (q, k, v)]
+            group = h // ratio
+            for g in range(ratio):
+                idx = torch.arange(g, span, ratio)
+                keep, heads = idx < length, slice(g * group, (g + 1) * group)
+                qs, ks, vs = (x[0, idx, heads].transpose(0, 1) for x in padded)  # (group, tokens, d)
+                scores = qs @ ks.transpose(1, 2) / math.sqrt(d)
+                pos = start + idx[keep]
+                out[0, heads, pos] = (scores.softmax(-1) @ vs)[:, keep]
+                lse[0, heads, pos] = torch.logsumexp(scores, -1)[:, keep]
+        outs.append(out[:, :, :n])
+        lses.append(lse[:, :, :n])
+    stacked = torch.stack(lses)
+    weights = torch.exp(stacked - stacked.max(0).values)
+    weights = weights / weights.sum(0)
+    merged = sum(o * w[..., None] for o, w in zip(outs, weights, strict=True))
+    return merged.transpose(1, 2).reshape(b, n, h * d)
+
+
+@pytest.mark.parametrize("n", [37, 1030])
+def test_gigapath_dilated_attention_matches_a_direct_loop(n):
+    """37 tokens: one segment per branch; 1030: the 1024-token branch has a second, zero-padded segment."""
+    from featurestore.encoders.slide import gigapath
+
+    gen = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, n, 16, 4, generator=gen) for _ in range(3))
+    got = gigapath.dilated_attention(q, k, v)
+    want = dilated_reference(q, k, v, gigapath.SEGMENTS, gigapath.RATIOS)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    dense = torch.softmax(q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1) / 2, -1) @ v.transpose(1, 2)
+    assert not torch.allclose(got, dense.transpose(1, 2).reshape(1, n, 64), atol=1e-3), "dilated is not dense"
+
+
+def test_gigapath_positions_are_maes_sincos_of_the_tile_cell():
+    import numpy as np
+
+    from featurestore.encoders.slide.gigapath import sincos_2d
+
+    def vendor_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=float) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos, omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    flat = torch.tensor([0, 7, 3 * 1000 + 5, 999 * 1000 + 999])
+    cols, rows = (flat % 1000).numpy().astype(np.float32), (flat // 1000).numpy().astype(np.float32)
+    want = np.concatenate([vendor_1d(384, cols), vendor_1d(384, rows)], axis=1)
+    np.testing.assert_allclose(sincos_2d(flat, 768).numpy(), want, atol=1e-6)
+    origin = sincos_2d(torch.tensor([0]), 768)[0]
+    assert origin[:192].eq(0).all() and origin[192:384].eq(1).all(), "column 0: sines 0, cosines 1"
+
+
+def test_gigapath_encodes_a_bag_by_its_tiles_and_their_cells():
+    from featurestore.encoders.slide.gigapath import gigapath
+
+    with torch.device("meta"):
+        network = gigapath(slide_encoder_config("gigapath-slide"), 1536).eval()
+    network.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    for p in network.parameters():
+        p.data.normal_(0, 0.02, generator=gen)
+    features, coords = bag(20, 1536, 3)
+    x, xy = torch.from_numpy(features), torch.from_numpy(coords)
+    with torch.inference_mode():
+        out = network.encode(x, xy, 512)
+        assert out.shape == (1, 768) and torch.isfinite(out).all()
+        torch.testing.assert_close(out, network.encode(x, xy, 512), rtol=0, atol=0)
+        assert not torch.allclose(out, network.encode(x, xy * 2, 512), atol=1e-3), "cells matter"
+        torch.testing.assert_close(out, network.encode(x, xy * 2, 1024)), "cells are coordinates // tile footprint"
+        with pytest.raises(ModelError, match="outside the 1000 × 1000 grid"):
+            network.encode(x, xy * 2000, 512)

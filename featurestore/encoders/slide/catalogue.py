@@ -99,3 +99,18 @@ def madeleine() -> SlideEncoderConfig:
         name="madeleine", builder="featurestore.encoders.slide.madeleine:madeleine", embed_dim=512,
         contract=TileContract("conch-v1", 512, tile_size=256, mpp=1.0), hub_id="MahmoodLab/madeleine",
         weights_filename="model.pt", license=NC_ND, dtype="bfloat16")
+
+
+@entrypoint
+def gigapath_slide() -> SlideEncoderConfig:
+    """Prov-GigaPath's slide encoder (Xu et al., Nature 2024): LongNet over GigaPath tiles of 256 px at 20×, 768-d.
+
+    TRIDENT ``GigaPathSlideEncoder``: ``create_model("hf_hub:prov-gigapath/prov-gigapath",
+    "gigapath_slide_enc12l768d", 1536, global_pool=True)`` reading ``slide_encoder.pth`` (its ``"model"``
+    entry), ``tile_size`` set to the tile's level-0 footprint, output ``all_layer_embed=True)[11]``; float16.
+    """
+    return SlideEncoderConfig(
+        name="gigapath-slide", builder="featurestore.encoders.slide.gigapath:gigapath", embed_dim=768,
+        contract=TileContract("gigapath", 1536, tile_size=256, mpp=0.5, coords=True),
+        hub_id="prov-gigapath/prov-gigapath", weights_filename="slide_encoder.pth",
+        checkpoint_filter="featurestore.encoders.slide.gigapath:encoder_keys", license="Apache-2.0", dtype="float16")
