@@ -315,3 +315,30 @@ def test_pages_render_in_a_browser(cohort, server):
     for name in ("viewer-cohort.png", "viewer-slide.png", "viewer-search.png") if shots else ():
         with Image.open(shots / name) as img:
             assert img.size == (1280, 800) and np.asarray(img.convert("L")).std() > 10, name
+
+
+def test_the_reader_pyramid_matches_openslides_deep_zoom(tmp_path):
+    """The Deep Zoom fallback for formats OpenSlide cannot read cuts the same tiles as OpenSlide's generator."""
+    from featurestore.schemas import NotFoundError
+    from featurestore.slides import open_slide
+    from featurestore.viewer._deepzoom import OpenSlideDeepZoom, ReaderDeepZoom
+
+    (slide,) = make_cohort(tmp_path, 1, size=1536, seed=3).slides
+    ours, theirs = ReaderDeepZoom(open_slide(slide.path, reader="openslide")), OpenSlideDeepZoom(slide.path)
+    try:
+        size = r'(Width|Height)="(\d+)"'
+        assert ours.level_count == theirs.level_count == 12
+        assert sorted(re.findall(size, ours.dzi())) == sorted(re.findall(size, theirs.dzi())) == [
+            ("Height", "1536"), ("Width", "1536")]
+        top = ours.level_count - 1
+        for level, col, row in ((top, 0, 0), (top, 5, 3), (top - 1, 1, 2), (top - 3, 0, 0), (3, 0, 0)):
+            a = np.asarray(ours.tile(level, col, row), np.float32)
+            b = np.asarray(theirs.tile(level, col, row), np.float32)
+            assert a.shape == b.shape, (level, col, row)
+            # Level 0 pixels are the file's own; coarser zooms differ only by resampling filter.
+            assert np.abs(a - b).mean() < (0.5 if level == top else 4), (level, col, row)
+        with pytest.raises(NotFoundError, match="outside level"):
+            ours.tile(top, 99, 0)
+    finally:
+        ours.close()
+        theirs.close()
