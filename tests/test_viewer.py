@@ -45,6 +45,8 @@ class Cohort:
     """slide id → file; the last one has no cached pixels."""
     labels: dict[str, int]
     uncached: str
+    annotated: str
+    """A tumour slide with a "Tumor" annotation over its top-left quarter."""
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +65,21 @@ def cohort(tmp_path_factory, one_torch_thread) -> Cohort:
     store.import_labels(demo.labels_csv)
     build_index(store, TEACHER)
     ids = {Path(r["path"]).name: r["slide_id"] for r in store.sql("SELECT slide_id, path FROM slides").to_pylist()}
+    annotated = next(s for s in demo.slides if s.label == 1)
+    geojson = root / "tumour.geojson"
+    square = [[0, 0], [1024, 0], [1024, 1024], [0, 1024], [0, 0]]
+    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}))
+    imported = runner.invoke(app, ["annotations", "import", str(geojson), "-s", str(root / "store"), "--slide",
+                                   annotated.path.name])
+    assert imported.exit_code == 0, imported.output
     trained = runner.invoke(app, ["train", "-s", str(root / "store"), "-m", TEACHER, "--label", "label", "--folds",
                                   "2", "--epochs", "2", "--hidden", "16", "--attention-dim", "8", "--bootstrap", "10",
                                   "--out", str(root / "runs" / "abmil")])
     assert trained.exit_code == 0, trained.output
     return Cohort(root / "store", root / "runs" / "abmil", {ids[p.name]: p for p in paths},
-                  {ids[s.path.name]: s.label for s in demo.slides}, ids[paths[3].name])
+                  {ids[s.path.name]: s.label for s in demo.slides}, ids[paths[3].name], ids[annotated.path.name])
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +211,13 @@ def test_deep_zoom_thumbnails_and_overlays(cohort, server):
     tile = first_tile(cohort.store, cached)
     shown = np.asarray(Image.open(io.BytesIO(get(f"{server}/tiles/{tile}.jpeg")[2])), np.float32)
     assert np.abs(shown - np.asarray(truth, np.float32)).mean() < 6
+    info = get_json(f"{server}/api/slides/{cohort.annotated}")
+    assert info["annotations"] == ["Tumor"] and get_json(f"{server}/api/slides/{sid}")["annotations"] == []
+    status, _, png = get(f"{server}/overlay/{cohort.annotated}/annotation.png?class=Tumor")
+    filled = np.asarray(Image.open(io.BytesIO(png)))[..., 3] == 150
+    edge = 1024 + 224  # tiles crossing the square's edge overlap it too
+    assert status == 200 and filled[:1024, :1024].any() and not filled[edge:, :].any() and not filled[:, edge:].any()
+    assert "no annotation class" in error_of(f"{server}/overlay/{cohort.annotated}/annotation.png?class=Stroma", 404)
     for layer in ("tissue", "grid", "sharpness", "attention"):
         status, kind, png = get(f"{server}/overlay/{sid}/{layer}.png?run=abmil")
         assert status == 200 and kind == "image/png", (layer, png[:200])
@@ -292,13 +310,13 @@ def test_pages_render_in_a_browser(cohort, server):
     assert 'data-ready="true"' in cohort_dom
     assert len(re.findall(r'class="slide-row"', cohort_dom)) == 4 and "4 of 4 slides" in cohort_dom
 
-    sid = next(s for s in cohort.slides if cohort.labels[s] == 1)
+    sid = cohort.annotated
     tile = first_tile(cohort.store, sid)
-    slide_url = f"{server}/slide/{sid}?layers=tissue,grid&run=abmil&tile={tile}"
+    slide_url = f"{server}/slide/{sid}?layers=tissue,grid&run=abmil&annotation=Tumor&tile={tile}"
     slide_dom = render(slide_url, shots and shots / "viewer-slide.png")
     drawn = re.search(r'id="tiles-loaded" data-count="(\d+)"', slide_dom)
     assert drawn and int(drawn.group(1)) > 0, "OpenSeadragon drew no deep zoom tile"
-    for layer in ("tissue", "grid", "attention"):
+    for layer in ("tissue", "grid", "attention", "annotation"):
         assert re.search(rf'data-layer="{layer}" data-state="loaded"', slide_dom), layer
     assert re.search(rf'id="selected-tile"[^>]*data-tile-id="{tile}"|data-tile-id="{tile}"[^>]*id="selected-tile"',
                      slide_dom)

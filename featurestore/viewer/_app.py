@@ -266,10 +266,13 @@ class Viewer:
             if len(values) != table.num_rows:
                 raise NotFoundError(f"run {run.name} has {len(values)} attention weights for slide {slide.name}, "
                                     f"which has {table.num_rows} tiles now; re-run fs train on this store")
+        elif layer == "annotation":
+            overlap = self.data.annotation_overlap(slide.slide_id, tiling_id, request.query_params.get("class", ""))
+            values = np.array([overlap.get(i, np.nan) for i in table.column("tile_index").to_pylist()], np.float64)
         elif layer in table.column_names and layer != "tile_id":
             values = _overlays.scaled(layer, table.column(layer).to_numpy(zero_copy_only=False).astype(np.float64))
         else:
-            choices = ["tissue", "grid", "attention", *(c for c in table.column_names if c not in
+            choices = ["tissue", "grid", "attention", "annotation", *(c for c in table.column_names if c not in
                                                          ("tile_id", "tile_index", "x", "y"))]
             raise NotFoundError(f"overlay {layer[:40]!r} is not available for this slide; choose one of "
                                 f"{', '.join(choices)}")

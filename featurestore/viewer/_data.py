@@ -186,8 +186,31 @@ class ViewerData:
             "sets": [{"model": view, "encoder": es.encoder_name, "set_id": es.id, "tiling_id": es.tiling_id}
                      for view, es in snap.view_names().items() if es.id in bags],
             "quality": self.quality_columns(snap),
+            "annotations": self.annotation_classes(snap, slide_id),
             "failures": failures.to_pylist(),
         }
+
+    def annotation_classes(self, snap: Snapshot, slide_id: str) -> list[str]:
+        """Classes of the slide's imported annotations with a tile overlap (none in a store without the table)."""
+        if not self._has_table(snap, "tile_annotations"):
+            return []
+        return snap.sql("SELECT DISTINCT class_name FROM tile_annotations WHERE slide_id = ? ORDER BY class_name",
+                        [slide_id]).column("class_name").to_pylist()
+
+    def annotation_overlap(self, slide_id: str, tiling_id: str, class_name: str) -> dict[int, float]:
+        """tile_index → the fraction of the tile inside ``class_name`` (tiles outside it are absent)."""
+        snap = self.snapshot()
+        if class_name not in self.annotation_classes(snap, slide_id):
+            raise NotFoundError(f"slide has no annotation class {class_name[:60]!r}; import one with fs annotations "
+                                "import, or choose one the slide page lists")
+        rows = snap.sql("SELECT tile_index, overlap FROM tile_annotations WHERE slide_id = ? AND tiling_id = ? "
+                        "AND class_name = ?", [slide_id, tiling_id, class_name]).to_pylist()
+        return {r["tile_index"]: r["overlap"] for r in rows}
+
+    @staticmethod
+    def _has_table(snap: Snapshot, name: str) -> bool:
+        return bool(snap.sql("SELECT count(*) AS n FROM duckdb_views() WHERE view_name = ?", [name])
+                    .column("n")[0].as_py())
 
     def quality_columns(self, snap: Snapshot) -> list[str]:
         present = set(snap.sql("SELECT * FROM tiles LIMIT 0").column_names)

@@ -20,7 +20,7 @@ from featurestore.slides import open_slide, tissue_mask
 MAX_SIDE = 2048
 """Longest side of an overlay PNG: fine enough for tile outlines at the zooms where they are legible."""
 
-FRACTIONS = ("tissue_fraction", "pen_fraction", "background_fraction")
+FRACTIONS = ("tissue_fraction", "pen_fraction", "background_fraction", "annotation")
 
 _VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float64)
 GRID_COLOUR = (20, 20, 20, 200)

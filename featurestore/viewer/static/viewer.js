@@ -176,6 +176,7 @@ async function slidePage() {
   if (q.get("tiling")) $("#tiling").value = q.get("tiling");
   for (const c of info.quality) $("#layer-quality").append(el("option", { value: c }, c.replace("_", " ")));
   for (const r of info.runs) $("#layer-attention").append(el("option", { value: r }, r));
+  for (const c of info.annotations) $("#layer-annotation").append(el("option", { value: c }, c));
 
   const tilingId = () => $("#tiling").value;
   let tiles = { tiles: [], footprint: 1 };
@@ -254,11 +255,14 @@ async function slidePage() {
     quality: () => setLayer("quality", $("#layer-quality").value ? overlayPath($("#layer-quality").value) : null),
     attention: () => setLayer("attention",
       $("#layer-attention").value ? overlayPath("attention", { run: $("#layer-attention").value }) : null),
+    annotation: () => setLayer("annotation",
+      $("#layer-annotation").value ? overlayPath("annotation", { class: $("#layer-annotation").value }) : null),
   };
   $("#layer-tissue").addEventListener("change", refresh.tissue);
   $("#layer-grid").addEventListener("change", refresh.grid);
   $("#layer-quality").addEventListener("change", refresh.quality);
   $("#layer-attention").addEventListener("change", refresh.attention);
+  $("#layer-annotation").addEventListener("change", refresh.annotation);
   $("#opacity").addEventListener("input", () => {
     for (const item of Object.values(layers)) item.setOpacity(Number($("#opacity").value));
   });
@@ -304,6 +308,7 @@ async function slidePage() {
   if (wanted.includes("grid")) $("#layer-grid").checked = true;
   if (q.get("quality")) $("#layer-quality").value = q.get("quality");
   if (q.get("run")) $("#layer-attention").value = q.get("run");
+  if (q.get("annotation")) $("#layer-annotation").value = q.get("annotation");
   const start = () => Promise.all(Object.values(refresh).map((f) => f()));
   if (viewer) {
     if (viewer.world.getItemCount()) await start();
