@@ -245,6 +245,10 @@ def test_bad_input_is_one_line_and_the_server_keeps_serving(cohort, server):
     assert "not available" in error_of(f"{server}/overlay/{sid}/bogus.png", 404)
     status, body = post_image(f"{server}/api/search/image", b"%PDF-1.4 not a picture", {"model": MODEL})
     assert status == 400 and "not an image" in body["error"]
+    region = io.BytesIO()
+    Image.new("L", (4100, 4100)).save(region, "PNG")
+    status, body = post_image(f"{server}/api/search/image", region.getvalue(), {"model": MODEL})
+    assert status == 400 and "not a tile" in body["error"]
     # Another site's page reaching this port through a name of its own (DNS rebinding) is refused.
     assert get(f"{server}/api/cohort", headers={"Host": "evil.example"})[0] == 400
     req = urllib.request.Request(f"{server}/api/cohort", data=b"", method="POST")
@@ -330,6 +334,10 @@ def test_pages_render_in_a_browser(cohort, server):
     hits = re.findall(r'class="hit" data-tile-id="(\d+)"', results)
     assert len(hits) == 6 and hits[0] == str(tile)
     assert results.count("label=1") == 6 and "label=0" not in results
+
+    slides_dom = render(f"{server}/search?model={MODEL}&slide={sid}&k=4")
+    ranked = re.findall(r'class="hit" data-slide-id="([0-9a-f]+)"', slides_dom.split('id="results"')[1])
+    assert len(ranked) == 4 and ranked[0] == sid and set(ranked) == set(cohort.slides)
     for name in ("viewer-cohort.png", "viewer-slide.png", "viewer-search.png") if shots else ():
         with Image.open(shots / name) as img:
             assert img.size == (1280, 800) and np.asarray(img.convert("L")).std() > 10, name

@@ -38,6 +38,8 @@ from featurestore.viewer._deepzoom import DeepZoomCache, SlideFileGone, jpeg
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 20 * 2**20
+MAX_UPLOAD_PIXELS = 4096 * 4096
+"""A query is one tile; decoding is refused above this, so a small compressed file cannot fill the memory."""
 MAX_K = 200
 THUMB = 160
 OVERLAYS_KEPT = 64
@@ -317,6 +319,9 @@ def _decode(content: bytes, filename: str, size: int) -> np.ndarray:
     """An uploaded image as RGB uint8 (size, size, 3), transparency on white, as ``fs search --image`` reads it."""
     try:
         with Image.open(io.BytesIO(content)) as img:
+            if img.width * img.height > MAX_UPLOAD_PIXELS:
+                raise InvalidArgumentError(f"{filename[:80]}: {img.width} x {img.height} px is a region, not a tile; "
+                                           f"upload one tile (at most {MAX_UPLOAD_PIXELS:,} pixels)")
             rgba = img.convert("RGBA")
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise InvalidArgumentError(f"{filename[:80]}: not an image ({str(err).splitlines()[0][:80]}); "

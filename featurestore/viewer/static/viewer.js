@@ -186,7 +186,15 @@ async function slidePage() {
     await loadSets($("#model"), tilingId());
     const wanted = q.get("model");
     if (wanted && [...$("#model").options].some((o) => o.value === wanted)) $("#model").value = wanted;
+    similar();
   };
+  // Slide-level search (pooled vectors) with the embedding set chosen for neighbours.
+  const similar = () => {
+    const link = $("#similar-slides");
+    link.hidden = !$("#model").value;
+    link.href = `/search?${new URLSearchParams({ model: $("#model").value, slide: slideId })}`;
+  };
+  $("#model").addEventListener("change", similar);
 
   let viewer = null;
   if (!info.file_present) {
