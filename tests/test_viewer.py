@@ -59,7 +59,7 @@ def cohort(tmp_path_factory, one_torch_thread) -> Cohort:
     paths = [s.path for s in demo.slides]
     for chosen, pixels in ((paths[:3], (PixelSpec.parse("224@0.5"),)), (paths[3:], ())):
         report = run_extract(chosen, root / "store", ExtractOptions(models=(TEACHER,), tiling=tiling, device="cpu",
-                                                                    batch_size=32, cache_pixels=pixels))
+                                                                    batch_size=32, cache_pixels=pixels, qc=False))
         assert not report.failed, [o.error for o in report.failed]
     store = Store.open(root / "store")
     store.import_labels(demo.labels_csv)

@@ -86,7 +86,7 @@ def _one_line(text: str) -> str:
 
 
 class _Lru:
-    """A few rendered overlays (tissue masks take a slide read), least recently used dropped first."""
+    """A few encoded tissue masks (each takes a slide read), least recently used dropped first."""
 
     def __init__(self, size: int) -> None:
         self._items: OrderedDict[tuple, Any] = OrderedDict()
@@ -257,8 +257,9 @@ class Viewer:
                 raise SlideFileGone(f"{slide.path}: the slide file is gone, and the tissue mask is recomputed "
                                     "from it; restore the file at this path")
             key: tuple = (snap.version, slide.slide_id, tiling_id, layer)
-            image = self.overlays.get(key, lambda: _overlays.tissue_layer(Path(slide.path), spec, slide.mpp_x))
-            return Response(_overlays.png(image), media_type="image/png")
+            encoded = self.overlays.get(
+                key, lambda: _overlays.png(_overlays.tissue_layer(Path(slide.path), spec, slide.mpp_x)))
+            return Response(encoded, media_type="image/png")
         x, y = table.column("x").to_numpy(), table.column("y").to_numpy()
         if layer == "grid":
             values = None
