@@ -108,6 +108,9 @@ def view_cmd(
     if not _is_loopback(host) and not allow_remote:
         raise FsError(f"--host {host} is not a loopback address; pass --allow-remote to serve the store to others "
                       f"on the network, or keep the default --host {LOOPBACK}")
+    if not _is_loopback(host):
+        err_console.print(f"[yellow]warning:[/yellow] listening on {host}: anyone who can reach this address can "
+                          "read the store (slides, labels, embeddings)", highlight=False, soft_wrap=True)
     s = Store.open(store, read_only=True)
     loaded = tuple(RunAttention(Path(r), s) for r in runs or [])
     names = [r.name for r in loaded]
@@ -124,9 +127,6 @@ def view_cmd(
 
         device = str(resolve_device(device))
     app = create_app(ViewerConfig(store=s.root, runs=loaded, device=device, allowed_hosts=allowed))
-    if not _is_loopback(host):
-        err_console.print(f"[yellow]warning:[/yellow] listening on {host}: anyone who can reach this address can "
-                          "read the store (slides, labels, embeddings)", highlight=False)
     console.print(f"serving {s.root} read-only at http://{host}:{bound}/ "
                   "(Ctrl-C stops)", highlight=False, soft_wrap=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

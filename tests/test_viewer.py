@@ -287,6 +287,12 @@ def test_view_refuses_a_port_in_use_and_a_public_address_without_the_flag(cohort
     assert len(used.output.strip().splitlines()) == 1
     public = runner.invoke(app, ["view", "-s", str(cohort.store), "--host", "0.0.0.0"])
     assert public.exit_code == 2 and "--allow-remote" in public.output
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen(1)
+        allowed = runner.invoke(app, ["view", "-s", str(cohort.store), "--host", "0.0.0.0", "--allow-remote",
+                                      "--port", str(taken.getsockname()[1])])
+    assert allowed.exit_code == 2 and "warning: listening on 0.0.0.0" in allowed.output and "in use" in allowed.output
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
