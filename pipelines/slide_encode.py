@@ -153,8 +153,9 @@ def run_slide_encode(store_path: str | Path, tiles: str, encoder: str, *, weight
     finally:
         store.register(Run(run.run_id, run.command, run.versions, run.host, run.started_at, utcnow(),
                            time.perf_counter() - t0, 0.0, status))
-    return SlideEncodeReport(set_id, config.name, es.encoder_name, tuple(todo),
-                             tuple(s for s in bags if s not in set(todo)), time.perf_counter() - t0, run.run_id)
+    skipped = tuple(sid for sid in bags if done.get(sid) == bags[sid])
+    return SlideEncodeReport(set_id, config.name, es.encoder_name, tuple(todo), skipped, time.perf_counter() - t0,
+                             run.run_id)
 
 
 def _encode(snap: Snapshot, es: EmbeddingSet, tiling: TilingSpec, model: SlideEncoder, slide_id: str,
