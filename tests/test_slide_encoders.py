@@ -198,7 +198,7 @@ def test_missing_weights_are_one_line_that_names_the_fix(tmp_path, monkeypatch):
     assert "--weights" in str(err.value)
     with pytest.raises(ModelError, match="unknown slide encoder"):
         slide_encoder_config("prov-gigapath")
-    assert {"mean", "titan", "chief", "feather", "madeleine"} <= set(list_slide_encoders())
+    assert set(list_slide_encoders()) == {"mean", "titan", "chief", "feather", "madeleine", "gigapath-slide", "prism"}
 
 
 # --- fs slide-encode on a store ---------------------------------------------------------------------
@@ -411,3 +411,65 @@ def test_gigapath_encodes_a_bag_by_its_tiles_and_their_cells():
         torch.testing.assert_close(out, network.encode(x, xy * 2, 1024)), "cells are coordinates // tile footprint"
         with pytest.raises(ModelError, match="outside the 1000 × 1000 grid"):
             network.encode(x, xy * 2000, 512)
+
+
+# --- PRISM's Perceiver -----------------------------------------------------------------------------
+
+
+def shapes_prism(aliases: bool) -> Shapes:
+    """paige-ai/Prism's ``image_resampler``: layers 0-1 own a cross-attention (layers 2-7 reuse layer 1's),
+    layer 0 owns the 6-block self-attention stack (layers 1-7 reuse it); with ``aliases`` every reuse is
+    also saved under its own name. Plus decoder tensors that the slide path does not load."""
+    def ff(name: str) -> Shapes:
+        return norm(f"{name}.norm", 1280) | linear(f"{name}.net.0", 2560, 1280) | linear(f"{name}.net.2", 1280, 1280)
+
+    def xattn(i: int) -> Shapes:
+        x = f"perceiver.layers.{i}.xattn"
+        return (norm(f"{x}.xattn.x_norm", 1280) | {f"{x}.xattn.to_q.weight": (1280, 1280),
+                f"{x}.xattn.to_kv.weight": (2560, 2560), f"{x}.xattn.to_out.weight": (1280, 1280)} | ff(f"{x}.ff"))
+
+    def tf(i: int) -> Shapes:
+        out: Shapes = {}
+        for j in range(6):
+            b = f"perceiver.layers.{i}.tf.{j}"
+            out |= (norm(f"{b}.mhsa.norm", 1280) | {f"{b}.mhsa.mha.in_proj_weight": (3840, 1280),
+                    f"{b}.mhsa.mha.out_proj.weight": (1280, 1280)} | ff(f"{b}.ff"))
+        return out
+
+    out = norm("cls_norm", 1280) | norm("img_norm", 1280) | {"perceiver.latents": (513, 1280)}
+    for i in range(8):
+        if i <= 1 or aliases:
+            out |= xattn(i)
+        if i == 0 or aliases:
+            out |= tf(i)
+    return ({f"image_resampler.{k}": v for k, v in out.items()}
+            | {"text_decoder.lm_head.weight": (42, 16), "img_to_latents.to_latents.weight": (5120, 1280)})
+
+
+@pytest.mark.parametrize("aliases", [False, True])
+def test_prism_layout_loads_strictly_with_or_without_shared_aliases(aliases):
+    from featurestore.encoders._registry import load_entrypoint
+    from featurestore.encoders._weights import load_strict
+
+    config = slide_encoder_config("prism")
+    with torch.device("meta"):
+        network = load_entrypoint(config.builder)(config, 2560)
+    state = {k: torch.empty(s, device="meta") for k, s in shapes_prism(aliases).items()}
+    load_strict(config.name, network, load_entrypoint(config.checkpoint_filter)(state, network), "generated")
+    assert network.perceiver.layers[5]["xattn"] is network.perceiver.layers[1]["xattn"]
+    assert network.perceiver.layers[7]["tf"] is network.perceiver.layers[0]["tf"]
+
+
+def test_prism_perceiver_reads_a_bag_as_a_set():
+    """No positions: the first latent is the same whatever the tiles' order, and changes with their content."""
+    from featurestore.encoders.slide.prism import PerceiverResampler, PerceiverShape
+
+    torch.manual_seed(0)
+    network = PerceiverResampler(PerceiverShape(latent_seq=4, latent_dim=16, context_dim=24, mhsa_heads=2,
+                                                perceiver_depth=3, transformer_depth=2)).eval()
+    features = torch.randn(30, 24)
+    with torch.inference_mode():
+        out = network.encode(features, torch.zeros(30, 2), 1)
+        assert out.shape == (1, 16) and torch.isfinite(out).all()
+        torch.testing.assert_close(out, network.encode(features.flip(0), torch.zeros(30, 2), 1))
+        assert not torch.allclose(out, network.encode(features * 2, torch.zeros(30, 2), 1), atol=1e-4)

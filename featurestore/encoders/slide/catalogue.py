@@ -114,3 +114,19 @@ def gigapath_slide() -> SlideEncoderConfig:
         contract=TileContract("gigapath", 1536, tile_size=256, mpp=0.5, coords=True),
         hub_id="prov-gigapath/prov-gigapath", weights_filename="slide_encoder.pth",
         checkpoint_filter="featurestore.encoders.slide.gigapath:encoder_keys", license="Apache-2.0", dtype="float16")
+
+
+@entrypoint
+def prism() -> SlideEncoderConfig:
+    """PRISM (Shaikovski et al., 2024): a Perceiver over Virchow tile embeddings of 224 px at 20×, 1280-d.
+
+    TRIDENT ``PRISMSlideEncoder``: ``slide_representations(features)["image_embedding"]`` of
+    huggingface.co/paige-ai/Prism (``AutoModel``, BioGPT decoder dropped), Virchow class token ++ patch mean
+    (2560-d) tiles, float16. The hub's weight file name is taken to be transformers' default
+    ``model.safetensors``; pass ``--weights`` to a local copy otherwise.
+    """
+    return SlideEncoderConfig(
+        name="prism", builder="featurestore.encoders.slide.prism:prism", embed_dim=1280,
+        contract=TileContract("virchow", 2560, tile_size=224, mpp=0.5), hub_id="paige-ai/Prism",
+        weights_filename="model.safetensors", checkpoint_filter="featurestore.encoders.slide.prism:image_resampler",
+        license=NC_ND, dtype="float16")
