@@ -1,5 +1,5 @@
-"""``fs slide-encode``: slide embeddings from cached tile embeddings (TITAN, CHIEF, FEATHER, MADELEINE,
-Prov-GigaPath, mean).
+"""``fs slide-encode``: slide embeddings from cached tile embeddings (TITAN, PRISM, CHIEF, FEATHER,
+MADELEINE, Prov-GigaPath, mean).
 
 ``register(app)`` adds the command; ``pipelines.slide_encode`` does the work.
 """
