@@ -188,7 +188,7 @@ def source_record(reader: BagSource) -> dict[str, object]:
     if isinstance(reader, SlideSetBags):
         ss = reader.slide_set
         return {"slide_set": ss.name, "set_id": ss.set_id, "encoder_id": ss.encoder_id, "encoder_name": ss.encoder,
-                "tiles_set_id": ss.tiles_set_id, "embed_dim": ss.embed_dim}
+                "tiles_set_id": ss.tiles_set_id, "tiling_id": ss.tiling_id, "embed_dim": ss.embed_dim}
     return {"encoder_name": reader.name, "embed_dim": reader.dim}
 
 

@@ -285,6 +285,7 @@ def test_mean_encoder_matches_the_bag_mean_and_trains_as_bags_of_one(store_path,
     assert trained.exit_code == 0, trained.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["embedding_set"]["slide_set"] == "mean:conch-v1.5" and config["cohort"]["slides"] == SLIDES
+    assert config["embedding_set"]["tiling_id"] == es.tiling_id
     assert not list((tmp_path / "run").rglob("*heatmap*")), "a bag of one has no attention map to draw"
 
 

@@ -23,13 +23,15 @@ LATEST = (f"SELECT * EXCLUDE (commit_id) FROM {TABLE} "
 
 @dataclass(frozen=True)
 class SlideSet:
-    """A slide embedding set: encoder ``encoder`` (spec ``encoder_id``) over tile set ``tiles_set_id``."""
+    """A slide embedding set: encoder ``encoder`` (spec ``encoder_id``) over tile set ``tiles_set_id``, whose
+    tiles were cut with tiling ``tiling_id`` (None once that tile set is gone from the store)."""
 
     set_id: str
     encoder: str
     encoder_id: str
     tiles_set_id: str
     tiles_encoder: str
+    tiling_id: str | None
     embed_dim: int
     slides: int
 
@@ -42,12 +44,16 @@ class SlideSet:
 def slide_sets(store: Store | Snapshot) -> list[SlideSet]:
     """Every slide embedding set in the store, by name."""
     snap = store.snapshot() if isinstance(store, Store) else store
-    tiles = {es.id: es.encoder_name for es in snap.embedding_sets()}
+    tiles = {es.id: es for es in snap.embedding_sets()}
     rows = snap.sql(f"SELECT set_id, any_value(encoder) AS encoder, any_value(encoder_id) AS encoder_id, "
                     f"any_value(tiles_set_id) AS tiles_set_id, any_value(len(embedding)) AS dim, count(*) AS n "
                     f"FROM ({LATEST}) GROUP BY set_id").to_pylist()
-    found = [SlideSet(r["set_id"], r["encoder"], r["encoder_id"], r["tiles_set_id"],
-                      tiles.get(r["tiles_set_id"], r["tiles_set_id"]), r["dim"], r["n"]) for r in rows]
+    found = []
+    for r in rows:
+        es = tiles.get(r["tiles_set_id"])
+        found.append(SlideSet(r["set_id"], r["encoder"], r["encoder_id"], r["tiles_set_id"],
+                              es.encoder_name if es else r["tiles_set_id"], es.tiling_id if es else None, r["dim"],
+                              r["n"]))
     return sorted(found, key=lambda s: (s.name, s.set_id))
 
 
