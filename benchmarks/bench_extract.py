@@ -3,17 +3,18 @@
     python -m benchmarks --only extract [--quick]
     python -m benchmarks.bench_extract [--quick]
 
-Both sides run in one process with the same teacher (the real EfficientNet-Lite0, channels-last), the
+All sides run in one process with the same teacher (the real EfficientNet-Lite0, channels-last), the
 same torch thread count and the same sequence of batch sizes (a slide's last batch is partial on both).
 Model only is ``Teacher.forward`` on uint8 tiles already in memory, so it includes the uint8 → float
-normalise; backbone only is ``Teacher.embed_preprocessed`` on tiles already normalised. The two sides
-run in interleaved rounds (``best_of_interleaved``) and each keeps its fastest round; target ≥ 0.95.
+normalise; backbone only is ``Teacher.embed_preprocessed`` on tiles already normalised. A fourth variant
+is end to end with the other reading schedule (beside the model on a CPU, between batches on a GPU), so
+the choice ``extract_slide`` makes is measured too. All run in interleaved rounds
+(``best_of_interleaved``), each keeping its fastest round; target ≥ 0.95 of model only.
 
 Every end-to-end run is instrumented by wrapping the pipeline's own functions (nothing is
-re-implemented): what the main thread waits on — slide set-up (open, describe, tissue mask, grid),
-pixels not yet read, normalise, model, commit — is in seconds and % of wall; the reader threads'
-read + decode and resize run beside it and are given in thread-seconds, as they compete for the
-model's cores rather than add to the wall.
+re-implemented): the main thread's stages — slide set-up (open, describe, tissue mask, grid), waiting
+for pixels, normalise, model, commit, run set-up and the remainder — add up to the wall; the reader
+threads' read + decode, resize and quality measures are given in thread-seconds beside them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ BATCH = 64
 
 # Main-thread stages, in pipeline order; their sum and the remainder make up the wall.
 SETUP = "slide set-up: open, describe, tissue mask, tile grid"
-WAIT = "waiting for pixels (readers behind the model)"
+WAIT = "waiting for pixels (reads not done yet)"
 NORMALISE = "uint8 → float normalise (Teacher.preprocess)"
 MODEL = "model (Teacher.embed_preprocessed)"
 COMMIT = "commit: annotation overlaps + Store.commit_slide"
