@@ -72,6 +72,9 @@ def train_command(
     weight_decay: WeightDecay = TRAIN.weight_decay,
     batch_size: BatchSize = TRAIN.batch_size,
     max_tiles: MaxTiles = TRAIN_CV.max_tiles or 0,
+    window: Annotated[int, typer.Option(help="Select on the validation loss averaged over this many epochs and "
+                                        "keep their averaged weights; 1 for the single best epoch.")]
+    = TRAIN_CV.window,
     hidden: Annotated[int, typer.Option(help="Projection width (GUIDE-US: 1024).")] = 512,
     attention_dim: Annotated[int, typer.Option(help="Attention width (GUIDE-US: 768).")] = 256,
     dropout: Annotated[float, typer.Option(help="Dropout in the head.")] = 0.25,
@@ -110,7 +113,7 @@ def train_command(
         schedule=replace(TRAIN, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                          device=device, group=group_column(group)),
         cv=replace(TRAIN_CV, folds=folds, seeds=seeds, val_fraction=val_fraction, patience=patience,
-                   max_tiles=max_tiles or None),
+                   max_tiles=max_tiles or None, window=window),
         split=split, workers=workers, cache_gb=cache_gb, bootstrap=bootstrap, heatmaps=heatmaps)
     if compare:
         from featurestore.distill.compare import compare as compare_heads
