@@ -95,13 +95,20 @@ def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
 
 
 class GatedAttention(nn.Module):
-    """Gated attention (Ilse et al. 2018): w·(tanh(V h) ⊙ sigmoid(U h)) → one score per tile."""
+    """Gated attention (Ilse et al. 2018): w·(tanh(V h) ⊙ sigmoid(U h)) → one score per tile.
+
+    ``w`` starts at zero, so every tile scores alike and an untrained attention head is mean pooling:
+    attention departs from the mean only as far as the training signal pulls it, instead of starting
+    from random tile preferences that a few dozen slides cannot undo (generated cohorts with a diffuse
+    signal, docs/mil-heads.md: ABMIL 0.57 → 0.62 AUROC at 48 slides, 0.74 → 0.80 at 96).
+    """
 
     def __init__(self, dim: int, attention_dim: int, dropout: float) -> None:
         super().__init__()
         self.v = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh(), nn.Dropout(dropout))
         self.u = nn.Sequential(nn.Linear(dim, attention_dim), nn.Sigmoid(), nn.Dropout(dropout))
         self.w = nn.Linear(attention_dim, 1)
+        nn.init.zeros_(self.w.weight)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.w(self.v(h) * self.u(h)).squeeze(-1)
