@@ -186,7 +186,7 @@ def test_fixed_seed_reproduces_predictions_exactly(cohort, tmp_path):
 def test_cross_validate_on_bags_in_memory_matches_fs_train_on_the_store(cohort, tmp_path):
     """fs distill's downstream check runs ABMIL on a student's bags held in memory: with the same
     embeddings it must give fs train's predictions exactly (same splits, seeds and initialisation)."""
-    cfg = config(cohort.store, tmp_path / "stored", folds=3, epochs=4, max_tiles=25, heatmaps=0, bootstrap=0)
+    cfg = config(cohort.store, tmp_path / "stored", folds=3, epochs=6, max_tiles=25, heatmaps=0, bootstrap=0)
     stored = pq.read_table(train(cfg).run_dir / "predictions.parquet").sort_by([("fold", "ascending"),
                                                                                  ("slide_id", "ascending")])
     store = Store.open(cohort.store, read_only=True)
