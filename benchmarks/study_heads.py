@@ -108,7 +108,9 @@ PRESETS: dict[str, tuple[Schedule, CrossValidation]] = {
     "defaults": (TRAIN, TRAIN_CV),
     "before": (replace(TRAIN, lr=2e-4), replace(TRAIN_CV, window=1)),
 }
-"""``defaults``: ``fs train``'s defaults today; ``before``: the defaults this study replaced."""
+"""``defaults``: ``fs train``'s schedule today; ``before``: the schedule this study replaced (lr 2e-4). The
+other change, attention that starts as mean pooling, is in the head, not the schedule: the before
+tables of docs/mil-heads.md ran ``--preset before`` at commit 34e69dc, before that change."""
 
 
 def study(spec: CohortSpec, heads: list[str], out: Path, *, preset: str = "defaults", folds: int = 4,

@@ -185,7 +185,7 @@ def test_attention_beats_mean_pooling_at_the_defaults_on_a_local_signal(local_co
         pq.read_table(tmp_path / "c" / "predictions.parquet").column_names)
 
 
-def test_cli_compare_needs_the_flag_and_refuses_in_one_line(local_cohort, tmp_path):
+def test_cli_compare_refuses_in_one_line_and_writes_the_report(local_cohort, tmp_path):
     app = typer.Typer()
     app.callback()(lambda: None)
     register(app)
@@ -196,6 +196,10 @@ def test_cli_compare_needs_the_flag_and_refuses_in_one_line(local_cohort, tmp_pa
                                       "--folds", "3"])
     assert result.exit_code == 2 and "pass --seeds 2" in result.output
     assert not (tmp_path / "b").exists()
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "c"), "--head", "mean,max", "--compare",
+                                      "--folds", "3", "--seeds", "2", "--epochs", "2", "--bootstrap", "20"])
+    assert result.exit_code == 0, result.output
+    assert "Recommendation" in result.output and "| mean − max |" in (tmp_path / "c" / "comparison.md").read_text()
 
 
 def test_cli_head_defaults_are_the_librarys():
