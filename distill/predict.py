@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from featurestore.devices import autocast, resolve_device
-from featurestore.distill.data import BagDataset, BagReader
+from featurestore.distill.data import BagDataset, BagReader, SlideSetBags
 from featurestore.distill.errors import RunDirError
 from featurestore.distill.runtime import Checkpoint, batches, load_checkpoint, make_loader
 from featurestore.schemas import PREDICTIONS_SCHEMA, EmbeddingSet, UnknownEmbeddingSetError
@@ -67,10 +67,17 @@ def predict(run_dir: Path, store_path: Path, *, device: str = "auto", batch_size
     say = on_progress or (lambda _: None)
     config, paths = load_run(Path(run_dir))
     store = Store.open(store_path)
-    es = matching_set(store, config["embedding_set"])
-    reader = BagReader(store, es)
+    recorded = config["embedding_set"]
+    reader: BagReader | SlideSetBags
+    if "slide_set" in recorded:  # a head trained on slide embeddings: bags of one vector per slide
+        reader = SlideSetBags(store, recorded["set_id"])
+        set_id, model, make = recorded["set_id"], recorded["slide_set"], "fs slide-encode"
+    else:
+        es = matching_set(store, recorded)
+        reader = BagReader(store, es)
+        set_id, model, make = es.id, es.encoder_name, "fs extract"
     if not reader.slide_ids:
-        raise UnknownEmbeddingSetError(f"{store.root}: embedding set {es.id} has no slides; run fs extract first")
+        raise UnknownEmbeddingSetError(f"{store.root}: embedding set {set_id} has no slides; run {make} first")
     dev = resolve_device(device)
     models: list[Checkpoint] = [load_checkpoint(p, dev) for p in paths]
     say(f"{len(models)} heads × {len(reader.slide_ids)} slides on {dev}")
@@ -87,8 +94,8 @@ def predict(run_dir: Path, store_path: Path, *, device: str = "auto", batch_size
             scores = m.task.score(logits)
             embedding = out.embedding.float().cpu().numpy()
             for b, sid in enumerate(sids):
-                row = {"run_id": config["run_id"], "slide_id": sid, "seed": m.seed, "fold": m.fold, "set_id": es.id,
-                       "model": es.encoder_name, "task": m.task.spec.kind, "head": m.head.cfg.name,
+                row = {"run_id": config["run_id"], "slide_id": sid, "seed": m.seed, "fold": m.fold, "set_id": set_id,
+                       "model": model, "task": m.task.spec.kind, "head": m.head.cfg.name,
                        "held_out": sid not in m.train and sid not in m.val, "n_tiles": int(n_tiles[b]),
                        "logits": logits[b].tolist(), "score": float(scores[b]), "embedding": embedding[b].tolist()}
                 for name, value in row.items():

@@ -287,6 +287,10 @@ def test_mean_encoder_matches_the_bag_mean_and_trains_as_bags_of_one(store_path,
     assert config["embedding_set"]["slide_set"] == "mean:conch-v1.5" and config["cohort"]["slides"] == SLIDES
     assert config["embedding_set"]["tiling_id"] == es.tiling_id
     assert not list((tmp_path / "run").rglob("*heatmap*")), "a bag of one has no attention map to draw"
+    predicted = run("predict", tmp_path / "run", "-s", store_path, "--device", "cpu")
+    assert predicted.exit_code == 0, predicted.output
+    rows = store.sql("SELECT model, set_id, count(DISTINCT slide_id) AS n FROM predictions GROUP BY ALL").to_pylist()
+    assert rows == [{"model": "mean:conch-v1.5", "set_id": config["embedding_set"]["set_id"], "n": SLIDES}]
 
 
 @pytest.mark.parametrize(("encoder", "wrong"), [("chief", "tile encoder conch-v1.5, not ctranspath"),
