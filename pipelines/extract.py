@@ -177,18 +177,8 @@ def _batches(n: int, size: int) -> list[np.ndarray]:
 
 def _prefetch(read: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray], workers: int,
               depth: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (indices, pixels) in order while up to ``depth`` later batches are read in the background.
-
-    ``depth`` 0 reads only while the consumer waits: ``workers`` batches at a time, one a thread, then
-    yields them. For a model on the CPU, whose threads take every core, a reader running beside it
-    stalls all of them at the next barrier; reading between batches gives it the cores instead.
-    """
+    """Yield (indices, pixels) in order while up to ``depth`` later batches are read in the background."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        if depth == 0:
-            for start in range(0, len(batches), max(1, workers)):
-                group = batches[start:start + max(1, workers)]
-                yield from zip(group, list(pool.map(read, group)), strict=True)
-            return
         pending: deque = deque()
         it = iter(batches)
         for idx in it:
@@ -324,14 +314,13 @@ def extract_slide(store: Store, path: Path, slide_id: str, opts: ExtractOptions,
             stage = "embed"
             size = opts.tiling.tile_size
             batches = _batches(len(grid), opts.batch_size)
-            depth = 0 if device == "cpu" else 3  # a CPU model's threads take every core: read between batches
             gate = _QualityGate(opts.tiling)
             if already_tiled:  # the stored rows hold these tiles' measures
                 stream = _prefetch(lambda idx: read_tiles(reader, grid, idx, size), batches, opts.read_workers,
-                                   depth=depth)
+                                   depth=3)
             else:
                 stream = gate(_prefetch(lambda idx: _read_measured(reader, grid, idx, size), batches,
-                                        opts.read_workers, depth=depth))
+                                        opts.read_workers, depth=3))
             cache_base = opts.tiling.id in pixel_tilings
             embeddings, device_s, seen = {}, 0.0, []
             if todo or cache_base or not already_tiled:

@@ -95,13 +95,15 @@ def test_formats_benchmark_at_a_tiny_size_reads_lossless_files_as_the_svs_pixel_
     assert tiles[0] > 4 and tiles[1:] == [4] * 6  # the whole SVS; the crop's 2 × 2 tissue tiles in every file
 
 
-def test_extraction_breakdown_times_every_stage_of_the_real_pipeline_and_sums_to_the_wall(tmp_path: Path) -> None:
+@pytest.mark.parametrize("between_batches", [False, True])
+def test_extraction_breakdown_times_every_stage_of_the_real_pipeline_and_sums_to_the_wall(
+        tmp_path: Path, between_batches: bool) -> None:
     """A stage the pipeline stopped calling would read 0 s here: the benchmark would be measuring nothing."""
     cohort = make_cohort(tmp_path / "cohort", 1, size=1024, seed=2)
     opts = ExtractOptions(models=("test/tiny-cnn",), tiling=TilingSpec(0.5, 128), device="cpu", batch_size=4, qc=False)
     originals = (extract.open_slide, extract._prefetch, extract.read_tiles, extract.extract_slide)
     clock = bench_extract.StageClock()
-    with bench_extract.instrumented(clock):
+    with bench_extract.instrumented(clock, between_batches):
         report = run_extract([cohort.root / "slides"], tmp_path / "store", opts)
     assert not report.failed and report.tiles > 2 * opts.batch_size
     assert (extract.open_slide, extract._prefetch, extract.read_tiles, extract.extract_slide) == originals
