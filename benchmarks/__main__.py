@@ -1,6 +1,6 @@
 """Run every benchmark and print one table of ratios; write JSON with the machine description.
 
-    python -m benchmarks [--quick] [--only reading,extract,distill,store,retrieval,scale,formats]
+    python -m benchmarks [--quick] [--only reading,extract,distill,store,retrieval,scale,formats,viewer]
                          [--out bench-results/latest.json]
 
 Absolute times on a shared machine are noise; each ratio compares two variants measured in the
@@ -23,7 +23,7 @@ from benchmarks._common import machine
 MODULES = {"reading": "benchmarks.bench_reading", "extract": "benchmarks.bench_extract",
            "distill": "benchmarks.bench_distill", "store": "benchmarks.bench_store",
            "retrieval": "benchmarks.bench_retrieval", "scale": "benchmarks.bench_scale",
-           "formats": "benchmarks.bench_formats"}
+           "formats": "benchmarks.bench_formats", "viewer": "benchmarks.bench_viewer"}
 
 
 def print_rows(rows: list[dict], console: Console | None = None) -> None:

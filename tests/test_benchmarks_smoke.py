@@ -13,7 +13,7 @@ from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import _common, bench_extract, bench_formats, bench_scale
-from benchmarks.__main__ import print_rows
+from benchmarks.__main__ import MODULES, print_rows
 from benchmarks._common import best_of_interleaved
 from benchmarks.bench_distill import _conv_backward_flops
 from benchmarks.peers import __main__ as peers
@@ -74,6 +74,22 @@ def test_scale_benchmark_runs_at_tiny_sizes() -> None:
                  "one more commit, mean", "fs sql count(*) from tiles, fresh process", "open CPU vs the smallest"):
         assert case in text
     assert sum("PASS" in r["target"] or "FAIL" in r["target"] for r in rows) >= 7
+
+
+def test_viewer_benchmark_at_a_tiny_size_times_the_search_and_a_first_view_against_fs_search() -> None:
+    pytest.importorskip("uvicorn", reason="the [view] extra is not installed")
+    pytest.importorskip("starlette", reason="the [view] extra is not installed")
+    from benchmarks import bench_viewer
+
+    rows = bench_viewer.run(True, bench_viewer.Plan(2, 1024, "test/tiny-cnn", rounds=2))
+    assert [r["benchmark"] for r in rows] == ["viewer"] * 3
+    assert rows[0]["case"].startswith("fs search call (reference)") and rows[0]["ratio"] is None
+    assert rows[1]["case"] == "GET /api/search, same query"
+    # 7 requests before the DZI's tiles are known, /api/sets, 16 button images, levels 7-10: 1 + 4 + 9 + 25 tiles.
+    assert rows[2]["case"].startswith("slide page first view (63 requests:") and "39 deep zoom tiles" in rows[2]["case"]
+    for r in rows[1:]:
+        assert r["unit"] == "ms" and r["ratio"] > 0 and r["vs"] == "fs search call" and r["target"] == "< 1 s"
+    assert MODULES["viewer"] == "benchmarks.bench_viewer"
 
 
 def test_formats_benchmark_at_a_tiny_size_reads_lossless_files_as_the_svs_pixel_for_pixel() -> None:
