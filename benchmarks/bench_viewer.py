@@ -85,12 +85,12 @@ def build_cohort(root: Path, plan: Plan) -> tuple[Path, str]:
 
 
 @contextmanager
-def fs_view(store: Path) -> Iterator[str]:
-    """``fs view --port 0`` in its own process, as tests/test_viewer.py starts it; yields its URL."""
-    log = store.parent / "fs-view.log"
+def fs_view(store: Path, *args: str, log: Path) -> Iterator[str]:
+    """``fs view --port 0 [args]`` in its own process; yields the URL it prints. Its stderr goes to ``log``:
+    a pipe nobody reads could fill and stall the server."""
     with log.open("w") as err:
         proc = subprocess.Popen([sys.executable, "-c", "from featurestore.cli.main import app; app()", "view", "-s",
-                                 str(store), "--port", "0"], stdout=subprocess.PIPE, stderr=err, text=True)
+                                 str(store), "--port", "0", *args], stdout=subprocess.PIPE, stderr=err, text=True)
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()
@@ -158,7 +158,8 @@ def measure(plan: Plan) -> list[dict]:
         n_tiles = store.sql("SELECT count(*) FROM tiles").column(0)[0].as_py()
         expected = search(store, model, tile_id=tile, k=K, where=WHERE).column("tile_id").to_pylist()
         query = urllib.parse.urlencode({"model": model, "tile": tile, "k": K, "where": WHERE})
-        with fs_view(store_path) as base, ThreadPoolExecutor(BROWSER_CONNECTIONS) as pool:
+        log = store_path.parent / "fs-view.log"
+        with fs_view(store_path, log=log) as base, ThreadPoolExecutor(BROWSER_CONNECTIONS) as pool:
             got = json.loads(fetch(f"{base}/api/search?{query}"))["hits"]  # also the server's warm-up
             if [int(h["tile_id"]) for h in got] != expected:
                 raise RuntimeError("the search endpoint and fs search disagree")

@@ -11,11 +11,10 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
-import threading
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from benchmarks.bench_viewer import fs_view
 from featurestore.cli.main import app
 from featurestore.index import build_index, search
 from featurestore.pipelines.demo import make_cohort
@@ -83,25 +83,10 @@ def cohort(tmp_path_factory, one_torch_thread) -> Cohort:
 
 
 @pytest.fixture(scope="module")
-def server(cohort, tmp_path_factory) -> str:
-    """``fs view --port 0`` in its own process; the URL it prints. Its log goes to a file, which a pipe nobody
-    reads could fill and stall the server."""
-    log = tmp_path_factory.mktemp("server") / "stderr.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", "from featurestore.cli.main import app; app()", "view", "-s",
-                                 str(cohort.store), "--port", "0", "--runs", str(cohort.run)],
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(60)
-    try:
-        found = re.search(r"http://127\.0\.0\.1:(\d+)/", line[0] if line else "")
-        assert found, f"fs view did not start: {line} {log.read_text()[-2000:]}"
-        yield found.group(0).rstrip("/")
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def server(cohort, tmp_path_factory) -> Iterator[str]:
+    """``fs view --port 0`` in its own process; the URL it prints."""
+    with fs_view(cohort.store, "--runs", str(cohort.run), log=tmp_path_factory.mktemp("server") / "stderr.log") as url:
+        yield url
 
 
 def get(url: str, *, headers: dict | None = None) -> tuple[int, str, bytes]:
