@@ -21,7 +21,8 @@ from featurestore.encoders._weights import (
 from featurestore.schemas import EncoderSpec
 from featurestore.schemas.errors import ModelError
 
-_AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The autocast dtype of each model precision a config may name (None: run in float32)."""
 
 
 class Teacher(nn.Module):
@@ -69,7 +70,7 @@ class Teacher(nn.Module):
     def _precision(self, device: torch.device) -> contextlib.AbstractContextManager:
         if device.type != "cuda":
             return contextlib.nullcontext()
-        amp = _AUTOCAST[self.config.dtype]
+        amp = AUTOCAST[self.config.dtype]
         return torch.autocast("cuda", dtype=amp, enabled=amp is not None)
 
 

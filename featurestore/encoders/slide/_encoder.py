@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from featurestore.encoders._registry import load_entrypoint
+from featurestore.encoders._teacher import AUTOCAST
 from featurestore.encoders._weights import (
     WeightsFile,
     load_strict,
@@ -22,7 +23,6 @@ from featurestore.encoders.slide._config import SlideEncoderConfig
 from featurestore.encoders.slide.catalogue import slide_encoder_config
 from featurestore.schemas import EncoderSpec
 
-_AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NO_PIXELS = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 """``EncoderSpec`` mean/std of a slide encoder: it reads embeddings, so there is no pixel normalisation."""
 
@@ -56,7 +56,7 @@ class SlideEncoder(nn.Module):
         return out.float().cpu().numpy().reshape(-1)
 
     def _precision(self, device: torch.device) -> contextlib.AbstractContextManager:
-        amp = _AUTOCAST[self.config.dtype]
+        amp = AUTOCAST[self.config.dtype]
         if device.type != "cuda" or amp is None:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=amp)
