@@ -124,6 +124,11 @@ def typed_empty(name: str) -> str:
     return f"{RAW}._typed_{name}"
 
 
+def by_name(name: str, *, legacy: bool) -> bool:
+    """Whether ``read_files`` reads table ``name``'s files by column name (through its typed empty table)."""
+    return legacy or name in VARIABLE_COLUMNS
+
+
 def read_files(name: str, files: list, *, legacy: bool) -> str:
     """SQL reading ``files`` of table ``name`` with exactly the current columns (older files get nulls).
 
@@ -132,7 +137,7 @@ def read_files(name: str, files: list, *, legacy: bool) -> str:
     because union_by_name makes DuckDB open every file when the view is defined rather than when read.
     """
     listed = ", ".join(quote(str(f)) for f in files)
-    if not (legacy or name in VARIABLE_COLUMNS):
+    if not by_name(name, legacy=legacy):
         return f"SELECT * FROM read_parquet([{listed}])"
     return (f"SELECT * FROM {typed_empty(name)} UNION ALL BY NAME "
             f"SELECT * FROM read_parquet([{listed}], union_by_name=true)")
@@ -157,7 +162,7 @@ def connect(state: State) -> duckdb.DuckDBPyConnection:
         raw = f"{RAW}.{name}"
         files = state.table_files(name)
         source = read_files(name, files, legacy=state.legacy) if files else f"SELECT * FROM {typed_empty(name)}"
-        if typed_empty(name) in source:
+        if not files or by_name(name, legacy=state.legacy):
             con.register("_empty", empty_schema(name).empty_table())
             con.execute(f"CREATE TABLE {typed_empty(name)} AS SELECT * FROM _empty")
             con.unregister("_empty")
